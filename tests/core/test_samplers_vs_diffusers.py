@@ -52,8 +52,12 @@ def run_diffusers(scheduler, latents, timesteps=None, generator=None, cond=None,
 
 def vp_pair(scheduler_cls, **config):
     scheduler = scheduler_cls(
-        beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000,
-        timestep_spacing="trailing", **config,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        num_train_timesteps=1000,
+        timestep_spacing="trailing",
+        **config,
     )
     scheduler.set_timesteps(STEPS)
     ours = schedules.DiscreteVP(scheduler.alphas_cumprod)
@@ -66,12 +70,22 @@ def noise(seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_ddim_matches_diffusers_without_clipping(prediction):
-    sched, ours = vp_pair(diffusers.DDIMScheduler, clip_sample=False, set_alpha_to_one=True,
-                          prediction_type=prediction)
+    sched, ours = vp_pair(
+        diffusers.DDIMScheduler,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        prediction_type=prediction,
+    )
     z = noise()
     ref = run_diffusers(sched, z)
-    got = sample(smooth_model, z, schedule=ours, sampler="ddim", timesteps=sched.timesteps,
-                 prediction="eps" if prediction == "epsilon" else "v")
+    got = sample(
+        smooth_model,
+        z,
+        schedule=ours,
+        sampler="ddim",
+        timesteps=sched.timesteps,
+        prediction="eps" if prediction == "epsilon" else "v",
+    )
     assert rel_err(got, ref) <= 1e-5
 
 
@@ -93,8 +107,14 @@ def test_euler_ancestral_matches_diffusers_with_the_same_generator():
     sched, ours = vp_pair(diffusers.EulerAncestralDiscreteScheduler)
     z = noise()
     ref = run_diffusers(sched, _ve_start(sched, z), generator=torch.Generator().manual_seed(7))
-    got = sample(smooth_model, z, schedule=ours, sampler="euler_ancestral",
-                 timesteps=sched.timesteps, generator=torch.Generator().manual_seed(7))
+    got = sample(
+        smooth_model,
+        z,
+        schedule=ours,
+        sampler="euler_ancestral",
+        timesteps=sched.timesteps,
+        generator=torch.Generator().manual_seed(7),
+    )
     assert rel_err(got, ref) <= 1e-5
 
 
@@ -105,16 +125,27 @@ def test_heun_matches_diffusers():
     grid = torch.unique_consecutive(sched.timesteps)
     assert len(grid) == STEPS
     calls = []
-    got = sample(smooth_model, z, schedule=ours, sampler="heun", timesteps=grid,
-                 callback=lambda *a: calls.append(a[0]))
+    got = sample(
+        smooth_model,
+        z,
+        schedule=ours,
+        sampler="heun",
+        timesteps=grid,
+        callback=lambda *a: calls.append(a[0]),
+    )
     assert rel_err(got, ref) <= 1e-5
     assert len(calls) == 2 * STEPS - 1
 
 
 @pytest.mark.parametrize("sampler,order", [("dpmpp_2m", 2), ("dpmpp_3m", 3)])
 def test_dpm_solver_pp_multistep_matches_diffusers(sampler, order):
-    sched, ours = vp_pair(diffusers.DPMSolverMultistepScheduler, algorithm_type="dpmsolver++",
-                          solver_order=order, final_sigmas_type="zero", lower_order_final=False)
+    sched, ours = vp_pair(
+        diffusers.DPMSolverMultistepScheduler,
+        algorithm_type="dpmsolver++",
+        solver_order=order,
+        final_sigmas_type="zero",
+        lower_order_final=False,
+    )
     z = noise()
     ref = run_diffusers(sched, z)
     got = sample(smooth_model, z, schedule=ours, sampler=sampler, timesteps=sched.timesteps)
@@ -122,16 +153,26 @@ def test_dpm_solver_pp_multistep_matches_diffusers(sampler, order):
 
 
 def test_dpm_solver_pp_matches_diffusers_on_karras_sigmas():
-    sched, ours = vp_pair(diffusers.DPMSolverMultistepScheduler, algorithm_type="dpmsolver++",
-                          solver_order=2, final_sigmas_type="zero", use_karras_sigmas=True)
+    sched, ours = vp_pair(
+        diffusers.DPMSolverMultistepScheduler,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        final_sigmas_type="zero",
+        use_karras_sigmas=True,
+    )
     z = noise()
     ref = run_diffusers(sched, z)
     # diffusers rounds the model's timesteps but steps on the exact Karras sigmas; pass the
     # sigmas' own times so both integrate the same ODE on the same grid.
     sigmas = sched.sigmas[:-1].double()
     t = ours.t_from_log_snr(-2 * torch.log(sigmas))
-    got = sample(lambda x, tt: smooth_model(x, _rounded_like(tt, sched)), z, schedule=ours,
-                 sampler="dpmpp_2m", timesteps=t)
+    got = sample(
+        lambda x, tt: smooth_model(x, _rounded_like(tt, sched)),
+        z,
+        schedule=ours,
+        sampler="dpmpp_2m",
+        timesteps=t,
+    )
     assert rel_err(got, ref) <= 1e-5
 
 
@@ -142,8 +183,13 @@ def _rounded_like(t: torch.Tensor, sched) -> torch.Tensor:
 
 @pytest.mark.parametrize("order", [2, 3])
 def test_unipc_matches_diffusers(order):
-    sched, ours = vp_pair(diffusers.UniPCMultistepScheduler, solver_order=order,
-                          solver_type="bh2", predict_x0=True, final_sigmas_type="zero")
+    sched, ours = vp_pair(
+        diffusers.UniPCMultistepScheduler,
+        solver_order=order,
+        solver_type="bh2",
+        predict_x0=True,
+        final_sigmas_type="zero",
+    )
     z = noise()
     if order == 3:  # unguided: polydiff's unipc runs order 3
         ref = run_diffusers(sched, z)
@@ -151,8 +197,16 @@ def test_unipc_matches_diffusers(order):
     else:  # guided: polydiff's unipc runs order 2, as DPM-Solver advises with guidance
         c, u = torch.tensor([1.0, -1.0]), torch.zeros(2)
         ref = run_diffusers(sched, z, cond=(c, u), scale=4.0)
-        got = sample(smooth_model, z, schedule=ours, sampler="unipc", timesteps=sched.timesteps,
-                     guidance=CFG(4.0), cond={"label": c}, uncond={"label": u})
+        got = sample(
+            smooth_model,
+            z,
+            schedule=ours,
+            sampler="unipc",
+            timesteps=sched.timesteps,
+            guidance=CFG(4.0),
+            cond={"label": c},
+            uncond={"label": u},
+        )
     assert rel_err(got, ref) <= 1e-5
 
 
@@ -162,8 +216,14 @@ def test_flow_match_euler_matches_diffusers(shift):
     sched.set_timesteps(STEPS)
     z = noise()
     ref = run_diffusers(sched, z)
-    got = sample(smooth_model, z, schedule=schedules.flow(shift=shift), sampler="euler",
-                 prediction="flow", timesteps=sched.timesteps)
+    got = sample(
+        smooth_model,
+        z,
+        schedule=schedules.flow(shift=shift),
+        sampler="euler",
+        prediction="flow",
+        timesteps=sched.timesteps,
+    )
     assert rel_err(got, ref) <= 1e-5
 
 
@@ -179,13 +239,20 @@ def test_flow_match_euler_grid_is_polydiffs_flow_shift_spacing():
 
 
 def test_lcm_matches_diffusers_with_the_same_generator():
-    sched = diffusers.LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                   beta_end=0.012)
+    sched = diffusers.LCMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
     sched.set_timesteps(4)
     ours = schedules.DiscreteVP(sched.alphas_cumprod)
     z = noise()
     ref = run_diffusers(sched, z, generator=torch.Generator().manual_seed(3))
-    got = sample(smooth_model, z, schedule=ours, sampler="lcm", timesteps=sched.timesteps,
-                 generator=torch.Generator().manual_seed(3))
+    got = sample(
+        smooth_model,
+        z,
+        schedule=ours,
+        sampler="lcm",
+        timesteps=sched.timesteps,
+        generator=torch.Generator().manual_seed(3),
+    )
     # diffusers also applies LCM's boundary condition, which is < 1e-7 at these timesteps.
     assert rel_err(got, ref) <= 1e-5

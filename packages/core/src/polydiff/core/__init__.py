@@ -11,9 +11,9 @@ from .sampling import SAMPLERS, SPACINGS, invert, sample, timesteps
 
 __all__ = [
     "CFG",
-    "CFGPlusPlus",
     "SAMPLERS",
     "SPACINGS",
+    "CFGPlusPlus",
     "guidance",
     "invert",
     "predictions",

@@ -20,15 +20,15 @@ from torch import Tensor
 from .schedules import Level
 
 __all__ = [
-    "Cond",
-    "Predict",
-    "Guider",
-    "NoGuidance",
     "CFG",
     "CFGPlusPlus",
+    "Cond",
+    "Guider",
+    "NoGuidance",
+    "Predict",
+    "as_guider",
     "concat_cond",
     "drop_conditioning",
-    "as_guider",
 ]
 
 Cond = Mapping[str, Any]
@@ -62,8 +62,7 @@ def concat_cond(first: Cond, second: Cond) -> dict[str, Any]:
                     f"cond[{key!r}] has shape {tuple(a.shape)} but uncond[{key!r}] has "
                     f"{tuple(b.shape)}; pad them to the same length"
                 )
-            out[key] = torch.cat([a, b.expand(a.shape[0], *b.shape[1:]) if b.shape[0] == 1
-                                  else b])
+            out[key] = torch.cat([a, b.expand(a.shape[0], *b.shape[1:]) if b.shape[0] == 1 else b])
         elif a is b or a == b:
             out[key] = a
         else:
@@ -71,8 +70,9 @@ def concat_cond(first: Cond, second: Cond) -> dict[str, Any]:
     return out
 
 
-def _paired(predict: Predict, x: Tensor, level: Level, cond: Cond,
-            uncond: Cond) -> tuple[Tensor, Tensor]:
+def _paired(
+    predict: Predict, x: Tensor, level: Level, cond: Cond, uncond: Cond
+) -> tuple[Tensor, Tensor]:
     x0 = predict(torch.cat([x, x]), level, concat_cond(cond, uncond))
     cond_x0, uncond_x0 = x0.chunk(2)
     return cond_x0, uncond_x0
@@ -94,8 +94,9 @@ def _in_interval(level: Level, interval: tuple[float, float] | None) -> bool:
 class NoGuidance:
     """Conditional prediction only (one forward pass)."""
 
-    def __call__(self, predict: Predict, x: Tensor, level: Level, cond: Cond,
-                 uncond: Cond | None) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, predict: Predict, x: Tensor, level: Level, cond: Cond, uncond: Cond | None
+    ) -> tuple[Tensor, Tensor]:
         return x, predict(x, level, cond)
 
 
@@ -125,8 +126,9 @@ class CFG:
         if self.interval is not None and not self.interval[0] <= self.interval[1]:
             raise ValueError(f"guidance interval must be (low, high), got {self.interval}")
 
-    def __call__(self, predict: Predict, x: Tensor, level: Level, cond: Cond,
-                 uncond: Cond | None) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, predict: Predict, x: Tensor, level: Level, cond: Cond, uncond: Cond | None
+    ) -> tuple[Tensor, Tensor]:
         if self.scale == 1.0 or not _in_interval(level, self.interval):
             return x, predict(x, level, cond)
         if uncond is None:
@@ -155,8 +157,9 @@ class CFGPlusPlus:
     def __post_init__(self) -> None:
         _check_scale("CFG++ scale", self.scale)
 
-    def __call__(self, predict: Predict, x: Tensor, level: Level, cond: Cond,
-                 uncond: Cond | None) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, predict: Predict, x: Tensor, level: Level, cond: Cond, uncond: Cond | None
+    ) -> tuple[Tensor, Tensor]:
         if not _in_interval(level, self.interval):
             return x, predict(x, level, cond)
         if uncond is None:
@@ -196,8 +199,9 @@ def drop_conditioning(
     if not tensors:
         raise ValueError("cond holds no tensors to drop")
     batch, device = tensors[0].shape[0], tensors[0].device
-    drop = torch.rand(batch, generator=generator, device=generator.device if generator
-                      else device) < p
+    drop = (
+        torch.rand(batch, generator=generator, device=generator.device if generator else device) < p
+    )
     drop = drop.to(device)
     out: dict[str, Any] = {}
     for key, value in cond.items():

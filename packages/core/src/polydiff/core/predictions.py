@@ -16,7 +16,7 @@ from typing import Literal
 
 from torch import Tensor
 
-__all__ = ["PREDICTIONS", "Prediction", "check_prediction", "to_x0", "to_eps", "target"]
+__all__ = ["PREDICTIONS", "Prediction", "check_prediction", "target", "to_eps", "to_x0"]
 
 Prediction = Literal["eps", "x0", "v", "flow"]
 PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v", "flow")
@@ -25,9 +25,7 @@ PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v", "flow")
 def check_prediction(prediction: str) -> str:
     """Return ``prediction`` or raise ValueError listing the valid names."""
     if prediction not in PREDICTIONS:
-        raise ValueError(
-            f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}"
-        )
+        raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
     return prediction
 
 
@@ -57,8 +55,9 @@ def to_eps(x0: Tensor, x: Tensor, alpha: float, sigma: float) -> Tensor:
     return (x - alpha * x0) / sigma
 
 
-def target(x0: Tensor, eps: Tensor, alpha: Tensor | float, sigma: Tensor | float,
-           prediction: str) -> Tensor:
+def target(
+    x0: Tensor, eps: Tensor, alpha: Tensor | float, sigma: Tensor | float, prediction: str
+) -> Tensor:
     """The training target for ``prediction`` given the clean sample and the noise used.
 
     ``alpha``/``sigma`` broadcast against ``x0`` (e.g. shape (B, 1, 1, 1)).

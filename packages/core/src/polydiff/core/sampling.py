@@ -34,10 +34,10 @@ __all__ = [
     "SAMPLERS",
     "SPACINGS",
     "Grid",
-    "sample",
     "invert",
-    "timesteps",
     "make_grid",
+    "sample",
+    "timesteps",
 ]
 
 SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing", "karras", "logsnr", "flow_shift")
@@ -92,8 +92,12 @@ class Grid:
 
 
 def timesteps(
-    schedule: Schedule, steps: int, spacing: str | None = None, *,
-    shift: float | None = None, rho: float = 7.0,
+    schedule: Schedule,
+    steps: int,
+    spacing: str | None = None,
+    *,
+    shift: float | None = None,
+    rho: float = 7.0,
 ) -> Tensor:
     """Model times of ``steps`` evaluations, decreasing (float64, shape (steps,)).
 
@@ -186,7 +190,9 @@ def heun(denoise: Denoise, x: Tensor, grid: Grid, eta: float, noise: Noise) -> T
 
     Integrates dy/dtau in y = x / c, tau = sigma / c with c = alpha for VP schedules (EDM's
     sigma/alpha coordinates) and c = alpha + sigma for flow (the straight path). Steps into
-    sigma = 0 or out of alpha = 0 (where tau is infinite for VP) are first order.
+    sigma = 0 or out of alpha = 0 (where tau is infinite for VP) are first order. Like EDM's
+    Heun it wants a moderate largest sigma/alpha: on schedules whose first step spans a huge
+    range of it (the cosine schedule starts at 2e4) prefer the exponential integrators.
     """
     k = 1.0 if grid.straight else 0.0
     for i in range(grid.steps):
@@ -213,8 +219,9 @@ def _push(history: list[tuple[float, Tensor]], level: Level, x0: Tensor, keep: i
         history.clear()
 
 
-def _dpmpp_update(x: Tensor, cur: Level, tgt: Level, history: list[tuple[float, Tensor]],
-                  order: int) -> Tensor:
+def _dpmpp_update(
+    x: Tensor, cur: Level, tgt: Level, history: list[tuple[float, Tensor]], order: int
+) -> Tensor:
     """DPM-Solver++ multistep update of order <= 3 from ``cur`` to ``tgt`` (Lu et al. 2022)."""
     m0 = history[0][1]
     base = _exp_step(x, m0, cur, tgt)
@@ -236,8 +243,9 @@ def _dpmpp_update(x: Tensor, cur: Level, tgt: Level, history: list[tuple[float, 
     return torch.add(x_next, d2, alpha=tgt.alpha * (0.5 - (h - phi1) / (h * h)))
 
 
-def dpmpp_multistep(denoise: Denoise, x: Tensor, grid: Grid, eta: float, noise: Noise,
-                    order: int = 2) -> Tensor:
+def dpmpp_multistep(
+    denoise: Denoise, x: Tensor, grid: Grid, eta: float, noise: Noise, order: int = 2
+) -> Tensor:
     """DPM-Solver++ (2M / 3M): data-prediction multistep, warming up from first order."""
     history: list[tuple[float, Tensor]] = []
     for i in range(grid.steps):
@@ -284,8 +292,14 @@ def _unipc_b(hh: float, order: int) -> list[float]:
     return out
 
 
-def _unipc_update(x: Tensor, cur: Level, tgt: Level, history: list[tuple[float, Tensor]],
-                  order: int, x0_new: Tensor | None = None) -> Tensor:
+def _unipc_update(
+    x: Tensor,
+    cur: Level,
+    tgt: Level,
+    history: list[tuple[float, Tensor]],
+    order: int,
+    x0_new: Tensor | None = None,
+) -> Tensor:
     """UniP (``x0_new`` None) or UniC (``x0_new`` = the prediction at ``tgt``) with B(h) = bh2.
 
     ``history[0]`` is the prediction at ``cur``; older entries are earlier levels.
@@ -297,16 +311,16 @@ def _unipc_update(x: Tensor, cur: Level, tgt: Level, history: list[tuple[float, 
         return base
     hh = -h
     rks = [(lam_k - lam0) / h for lam_k, _ in history[1:order]]
-    diffs = [(m_k - m0) / r for (_, m_k), r in zip(history[1:order], rks)]
+    diffs = [(m_k - m0) / r for (_, m_k), r in zip(history[1:order], rks, strict=True)]
     b = _unipc_b(hh, order)
     grid_r = torch.tensor([[r**j for r in [*rks, 1.0]] for j in range(order)], dtype=torch.float64)
     b_t = torch.tensor(b, dtype=torch.float64)
     if x0_new is None:
         rhos = [0.5] if order == 2 else torch.linalg.solve(grid_r[:-1, :-1], b_t[:-1]).tolist()
-        terms = list(zip(rhos, diffs))
+        terms = list(zip(rhos, diffs, strict=True))
     else:
         rhos = [0.5] if order == 1 else torch.linalg.solve(grid_r, b_t).tolist()
-        terms = [*zip(rhos[:-1], diffs), (rhos[-1], x0_new - m0)]
+        terms = [*zip(rhos[:-1], diffs, strict=True), (rhos[-1], x0_new - m0)]
     scale = -tgt.alpha * math.expm1(hh)
     correction = terms[0][1] * terms[0][0]
     for rho, diff in terms[1:]:
@@ -314,8 +328,9 @@ def _unipc_update(x: Tensor, cur: Level, tgt: Level, history: list[tuple[float, 
     return torch.add(base, correction, alpha=scale)
 
 
-def unipc(denoise: Denoise, x: Tensor, grid: Grid, eta: float, noise: Noise,
-          order: int = 2) -> Tensor:
+def unipc(
+    denoise: Denoise, x: Tensor, grid: Grid, eta: float, noise: Noise, order: int = 2
+) -> Tensor:
     """UniPC (Zhao et al. 2023): UniP-``order`` predictor with the UniC corrector (B(h) = bh2).
 
     The corrector reuses each new evaluation, so it costs no extra model calls; it is skipped
@@ -387,8 +402,13 @@ def _check(name: str, table: Mapping[str, Any], what: str) -> None:
 
 
 def _make_denoiser(
-    model: Callable[..., Tensor], prediction: str, guider: Guider, cond: Mapping[str, Any],
-    uncond: Mapping[str, Any] | None, grid: Grid, clip_x0: float | None,
+    model: Callable[..., Tensor],
+    prediction: str,
+    guider: Guider,
+    cond: Mapping[str, Any],
+    uncond: Mapping[str, Any] | None,
+    grid: Grid,
+    clip_x0: float | None,
     known: tuple[Tensor, Tensor, Tensor] | None,
     callback: Callable[[int, float, Tensor, Tensor], None] | None,
 ) -> Denoise:
@@ -397,8 +417,9 @@ def _make_denoiser(
         scale = level.model_scale
         if scale != 1.0:
             x = x * scale
-        return to_x0(model(x, t, **batch_cond), x, level.alpha * scale, level.sigma * scale,
-                     prediction)
+        return to_x0(
+            model(x, t, **batch_cond), x, level.alpha * scale, level.sigma * scale, prediction
+        )
 
     def denoise(x: Tensor, i: int, level: Level | None = None) -> tuple[Tensor, Tensor]:
         level = grid.levels[i] if level is None else level
@@ -425,8 +446,13 @@ def _make_denoiser(
 
 
 def _prepare(
-    schedule: Schedule, sampler: str, steps: int, prediction: str, spacing: str | None,
-    timesteps_: Tensor | Sequence[float] | None, shift: float | None,
+    schedule: Schedule,
+    sampler: str,
+    steps: int,
+    prediction: str,
+    spacing: str | None,
+    timesteps_: Tensor | Sequence[float] | None,
+    shift: float | None,
 ) -> Grid:
     _check(sampler, SAMPLERS, "sampler")
     check_prediction(prediction)
@@ -501,7 +527,7 @@ def sample(
         keep_steps = min(round(grid.steps * strength), grid.steps)
         if keep_steps < 1:
             raise ValueError(f"strength {strength} leaves no step of {grid.steps}")
-        grid = replace(grid, levels=grid.levels[grid.steps - keep_steps:])
+        grid = replace(grid, levels=grid.levels[grid.steps - keep_steps :])
         first = grid.levels[0]
         x = first.alpha * init.to(noise.dtype) + first.sigma * noise
     else:
@@ -515,15 +541,20 @@ def sample(
 
     def fresh_noise(like: Tensor) -> Tensor:
         gen, device = ancestral
-        draw = torch.randn(like.shape, generator=gen, dtype=like.dtype,
-                           device=gen.device if gen is not None else device)
+        draw = torch.randn(
+            like.shape,
+            generator=gen,
+            dtype=like.dtype,
+            device=gen.device if gen is not None else device,
+        )
         return draw.to(like.device)
 
     order_kwargs = {}
     if spec.guided_order is not None and _is_guided(guider, uncond):
         order_kwargs["order"] = spec.guided_order
-    denoise = _make_denoiser(model, prediction, guider, cond or {}, uncond, grid, clip_x0,
-                             known, callback)
+    denoise = _make_denoiser(
+        model, prediction, guider, cond or {}, uncond, grid, clip_x0, known, callback
+    )
     run = functools.partial(spec.run, **order_kwargs) if order_kwargs else spec.run
     out = run(denoise, x, grid, spec.eta if eta is None else float(eta), fresh_noise)
     if not torch.isfinite(out).all():
@@ -561,8 +592,9 @@ def invert(
         (B, ...) noise, scaled so that :func:`sample` starts from the inverted state.
     """
     grid = _prepare(schedule, "ddim", steps, prediction, spacing, timesteps, shift)
-    denoise = _make_denoiser(model, prediction, as_guider(guidance), cond or {}, uncond, grid,
-                             None, None, callback)
+    denoise = _make_denoiser(
+        model, prediction, as_guider(guidance), cond or {}, uncond, grid, None, None, callback
+    )
     x = x0
     for i in range(grid.steps - 1, -1, -1):
         cur, tgt = grid.levels[i + 1], grid.levels[i]

@@ -20,19 +20,19 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "Schedule",
+    "CLEAN",
     "DiscreteVP",
     "Flow",
-    "linear",
-    "scaled_linear",
+    "Level",
+    "Schedule",
     "cosine",
     "flow",
-    "zero_terminal_snr",
-    "shift_time",
-    "resolution_shift",
-    "Level",
-    "CLEAN",
     "levels",
+    "linear",
+    "resolution_shift",
+    "scaled_linear",
+    "shift_time",
+    "zero_terminal_snr",
 ]
 
 
@@ -219,14 +219,14 @@ def scaled_linear(
     zero_terminal_snr: bool = False,
 ) -> DiscreteVP:
     """Stable Diffusion's betas: linear in sqrt(beta) from sqrt(0.00085) to sqrt(0.012)."""
-    betas = (
-        torch.linspace(beta_start**0.5, beta_end**0.5, train_steps, dtype=torch.float64) ** 2
-    )
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, train_steps, dtype=torch.float64) ** 2
     return _from_betas(betas, zero_terminal_snr)
 
 
 def cosine(
-    train_steps: int = 1000, offset: float = 0.008, max_beta: float = 0.999,
+    train_steps: int = 1000,
+    offset: float = 0.008,
+    max_beta: float = 0.999,
     zero_terminal_snr: bool = False,
 ) -> DiscreteVP:
     """Nichol & Dhariwal's cosine schedule, alpha_bar(u) = cos((u + s) / (1 + s) * pi / 2)**2,
@@ -309,4 +309,4 @@ def levels(schedule: Schedule, t: Tensor) -> list[Level]:
     tt = _as_float64(t).flatten()
     alphas = _as_float64(schedule.alpha(tt)).tolist()
     sigmas = _as_float64(schedule.sigma(tt)).tolist()
-    return [Level(float(ti), a, s) for ti, a, s in zip(tt.tolist(), alphas, sigmas)]
+    return [Level(float(ti), a, s) for ti, a, s in zip(tt.tolist(), alphas, sigmas, strict=True)]
