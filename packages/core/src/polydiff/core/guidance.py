@@ -57,7 +57,7 @@ def concat_cond(first: Cond, second: Cond) -> dict[str, Any]:
     for key, a in first.items():
         b = second[key]
         if isinstance(a, Tensor) and isinstance(b, Tensor):
-            if a.shape[1:] != b.shape[1:]:
+            if a.shape[1:] != b.shape[1:] or b.shape[0] not in (1, a.shape[0]):
                 raise ValueError(
                     f"cond[{key!r}] has shape {tuple(a.shape)} but uncond[{key!r}] has "
                     f"{tuple(b.shape)}; pad them to the same length"
@@ -156,6 +156,8 @@ class CFGPlusPlus:
 
     def __post_init__(self) -> None:
         _check_scale("CFG++ scale", self.scale)
+        if self.interval is not None and not self.interval[0] <= self.interval[1]:
+            raise ValueError(f"guidance interval must be (low, high), got {self.interval}")
 
     def __call__(
         self, predict: Predict, x: Tensor, level: Level, cond: Cond, uncond: Cond | None
@@ -211,7 +213,7 @@ def drop_conditioning(
         if key not in null:
             raise ValueError(f"null conditioning lacks key {key!r}")
         empty = null[key].to(device=value.device, dtype=value.dtype)
-        if empty.shape[1:] != value.shape[1:]:
+        if empty.shape[1:] != value.shape[1:] or empty.shape[0] not in (1, batch):
             raise ValueError(
                 f"null[{key!r}] has shape {tuple(empty.shape)}, cond has {tuple(value.shape)}"
             )

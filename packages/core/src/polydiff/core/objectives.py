@@ -113,6 +113,13 @@ def diffusion_loss(
         reduction: ``mean`` (a scalar) or ``none`` (per-sample losses (B,)).
     """
     check_prediction(prediction)
+    if time_distribution not in TIME_DISTRIBUTIONS:
+        raise ValueError(
+            f"unknown time distribution {time_distribution!r}; "
+            f"valid: {', '.join(TIME_DISTRIBUTIONS)}"
+        )
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     batch = x0.shape[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 __all__ = ["PREDICTIONS", "Prediction", "check_prediction", "target", "to_eps", "to_x0"]
@@ -38,6 +39,8 @@ def to_x0(output: Tensor, x: Tensor, alpha: float, sigma: float, prediction: str
         alpha, sigma: the noise level of ``x`` (Python floats or broadcastable tensors).
         prediction: what ``output`` is: ``eps``, ``x0``, ``v`` or ``flow``.
     """
+    if isinstance(alpha, float) and isinstance(sigma, float):
+        return _to_x0_scalar(output, x, alpha, sigma, prediction)
     if prediction == "eps":
         return (x - sigma * output) / alpha
     if prediction == "x0":
@@ -46,6 +49,24 @@ def to_x0(output: Tensor, x: Tensor, alpha: float, sigma: float, prediction: str
         return (alpha * x - sigma * output) / (alpha * alpha + sigma * sigma)
     if prediction == "flow":
         return (x - sigma * output) / (alpha + sigma)
+    check_prediction(prediction)
+    raise AssertionError  # unreachable
+
+
+def _to_x0_scalar(output: Tensor, x: Tensor, alpha: float, sigma: float, prediction: str) -> Tensor:
+    # The sampler's hot path: fused kernels, so the conversion is one or two passes.
+    if prediction == "x0":
+        return output
+    if prediction == "eps":
+        out = torch.add(x, output, alpha=-sigma)
+        return out if alpha == 1.0 else out.div_(alpha)
+    if prediction == "v":
+        norm = alpha * alpha + sigma * sigma
+        return torch.add(x * (alpha / norm), output, alpha=-sigma / norm)
+    if prediction == "flow":
+        out = torch.add(x, output, alpha=-sigma)
+        # alpha + sigma is 1 on the flow path up to rounding; skip a pass over the tensor then.
+        return out if abs(alpha + sigma - 1.0) < 1e-12 else out.div_(alpha + sigma)
     check_prediction(prediction)
     raise AssertionError  # unreachable
 
@@ -75,7 +96,8 @@ def target(
 
 
 def x0_error_scale(alpha: Tensor, sigma: Tensor, prediction: str) -> Tensor:
-    """How an error in the prediction maps to an error in x0 at fixed x: d x0 / d output.
+    """How an error in the prediction maps to an error in x0 at fixed x: |d x0 / d output|
+    (the magnitude; the derivative itself is negative for eps, v and flow).
 
     Used to express loss weightings defined on x0 (such as min-SNR) for any prediction type.
     """

@@ -17,6 +17,7 @@ the fraction of fresh noise it renoises with.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -74,7 +75,11 @@ class Grid:
 
     def split(self, i: int, eta: float) -> tuple[Level, float]:
         """Where the deterministic part of step ``i`` lands and the std of the fresh noise added
-        after it to reach ``levels[i + 1]`` (DDIM's eta: 1 gives DDPM's ancestral step)."""
+        after it to reach ``levels[i + 1]`` (DDIM's eta: 1 gives DDPM's ancestral step).
+
+        The intermediate level is off the schedule and its model time is left unset (NaN):
+        only a sampler that evaluates the model there needs :meth:`placed`.
+        """
         cur, nxt = self.levels[i], self.levels[i + 1]
         if eta == 0 or nxt.sigma == 0:
             return nxt, 0.0
@@ -83,12 +88,17 @@ class Grid:
         down = math.sqrt(max(0.0, nxt.sigma**2 - up**2))
         if down == 0.0:
             return replace(CLEAN, alpha=nxt.alpha), up
-        # The intermediate level (alpha_next, down) is off the schedule; give it the model time
-        # of the schedule level with the same log-SNR so the model can be evaluated there.
-        lam2 = 2.0 * (math.log(nxt.alpha) - math.log(down))
-        t = self.schedule.t_from_log_snr(torch.tensor(lam2, dtype=torch.float64))
-        scale = float(self.schedule.alpha(t)) / nxt.alpha
-        return Level(t=float(t), alpha=nxt.alpha, sigma=down, model_scale=scale), up
+        return Level(t=math.nan, alpha=nxt.alpha, sigma=down), up
+
+    def placed(self, level: Level) -> Level:
+        """``level`` with the model time of the schedule level of equal log-SNR, and the scale
+        that maps its state onto that schedule level."""
+        if not math.isnan(level.t):
+            return level
+        lam2 = torch.tensor(2.0 * level.lam, dtype=torch.float64)
+        t = self.schedule.t_from_log_snr(lam2)
+        scale = float(self.schedule.alpha(t)) / level.alpha
+        return replace(level, t=float(t), model_scale=scale)
 
 
 def timesteps(
@@ -151,16 +161,31 @@ def timesteps(
 def make_grid(schedule: Schedule, t: Tensor | Sequence[float]) -> Grid:
     """A :class:`Grid` through the given model times (decreasing), ending at the clean level."""
     tt = torch.as_tensor(t, dtype=torch.float64).flatten()
-    if tt.numel() == 0:
+    values = tt.tolist()  # validate in Python: cheaper than tensor ops for a few dozen steps
+    if not values:
         raise ValueError("timesteps must not be empty")
-    if not torch.all(tt[1:] < tt[:-1]):
-        raise ValueError(f"timesteps must be strictly decreasing, got {tt.tolist()}")
-    if tt[0] > schedule.t_max or tt[-1] < 0:
-        raise ValueError(f"timesteps must lie in [0, {schedule.t_max}], got {tt.tolist()}")
+    if any(b >= a for a, b in itertools.pairwise(values)):
+        raise ValueError(f"timesteps must be strictly decreasing, got {values}")
+    if values[0] > schedule.t_max or values[-1] < 0:
+        raise ValueError(f"timesteps must lie in [0, {schedule.t_max}], got {values}")
     return Grid(tuple(_schedules.levels(schedule, tt)) + (CLEAN,), schedule)
 
 
 # --------------------------------------------------------------------------- update rules
+
+
+def _combine(*terms: tuple[float, Tensor]) -> Tensor:
+    """sum(c * t) in as few full-size passes as torch allows (one allocation, in-place adds)."""
+    (c0, t0), rest = terms[0], terms[1:]
+    if rest and c0 == 1.0:
+        (c1, t1), rest = rest[0], rest[1:]
+        out = torch.add(t0, t1, alpha=c1)
+    else:
+        out = t0 * c0
+    for c, t in rest:
+        if c != 0.0:
+            out.add_(t, alpha=c)
+    return out
 
 
 def _exp_step(x: Tensor, x0: Tensor, cur: Level, tgt: Level) -> Tensor:
@@ -169,7 +194,9 @@ def _exp_step(x: Tensor, x0: Tensor, cur: Level, tgt: Level) -> Tensor:
     d = tgt.alpha - cur.alpha * c
     if c == 0.0:
         return x0 if d == 1.0 else x0 * d
-    return torch.add(x * c, x0, alpha=d)
+    if abs(d - (1.0 - c)) < 1e-12:  # flow schedules (up to rounding): one interpolation kernel
+        return torch.lerp(x0, x, c)
+    return _combine((d, x0), (c, x))
 
 
 def _add_noise(x: Tensor, std: float, noise: Noise) -> Tensor:
@@ -202,10 +229,16 @@ def heun(denoise: Denoise, x: Tensor, grid: Grid, eta: float, noise: Noise) -> T
         x_next = _exp_step(x, x0, cur, tgt)
         c_cur, c_tgt = cur.alpha + k * cur.sigma, tgt.alpha + k * tgt.sigma
         if tgt.sigma > 0 and c_cur > 0:
-            x_next, x0_next = denoise(x_next, i + 1, tgt)
-            slope = (x - c_cur * x0) / cur.sigma + (x_next - c_tgt * x0_next) / tgt.sigma
-            dtau = tgt.sigma / c_tgt - cur.sigma / c_cur
-            x_next = torch.add(x / c_cur, slope, alpha=0.5 * dtau) * c_tgt
+            x_next, x0_next = denoise(x_next, i + 1, grid.placed(tgt))
+            # y_next = y + dtau / 2 * (slope(x, x0) + slope(x_next, x0_next)) with
+            # y = x / c and slope = (x - c * x0) / sigma, expanded into one linear combination.
+            half = 0.5 * (tgt.sigma / c_tgt - cur.sigma / c_cur) * c_tgt
+            x_next = _combine(
+                (c_tgt / c_cur + half / cur.sigma, x),
+                (-half * c_cur / cur.sigma, x0),
+                (half / tgt.sigma, x_next),
+                (-half * c_tgt / tgt.sigma, x0_next),
+            )
         x = _add_noise(x_next, up, noise)
     return x
 
@@ -231,16 +264,19 @@ def _dpmpp_update(
     h = tgt.lam - cur.lam
     phi1 = -math.expm1(-h)
     (lam0, _), (lam1, m1) = history[0], history[1]
-    d10 = (m0 - m1) * (h / (lam0 - lam1))
+    g10 = h / (lam0 - lam1)  # D1_0 = g10 * (m0 - m1)
     if order == 2:
-        return torch.add(base, d10, alpha=0.5 * tgt.alpha * phi1)
+        w = 0.5 * tgt.alpha * phi1 * g10
+        return base.add_(m0, alpha=w).sub_(m1, alpha=w)
     lam2, m2 = history[2]
     r0, r1 = (lam0 - lam1) / h, (lam1 - lam2) / h
-    d11 = (m1 - m2) * (h / (lam1 - lam2))
-    d1 = d10 + (d10 - d11) * (r0 / (r0 + r1))
-    d2 = (d10 - d11) / (r0 + r1)
-    x_next = torch.add(base, d1, alpha=tgt.alpha * (1.0 - phi1 / h))
-    return torch.add(x_next, d2, alpha=tgt.alpha * (0.5 - (h - phi1) / (h * h)))
+    g11 = h / (lam1 - lam2)  # D1_1 = g11 * (m1 - m2)
+    # D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1)
+    w1 = tgt.alpha * (1.0 - phi1 / h)
+    w2 = tgt.alpha * (0.5 - (h - phi1) / (h * h))
+    a = w1 * (1.0 + r0 / (r0 + r1)) + w2 / (r0 + r1)  # weight of D1_0
+    b = -(w1 * r0 / (r0 + r1) + w2 / (r0 + r1))  # weight of D1_1
+    return _combine((1.0, base), (a * g10, m0), (b * g11 - a * g10, m1), (-b * g11, m2))
 
 
 def dpmpp_multistep(
@@ -272,10 +308,12 @@ def dpmpp_2m_sde(denoise: Denoise, x: Tensor, grid: Grid, eta: float, noise: Noi
         eta_h = eta * h if eta else 0.0
         decay = 0.0 if cur.alpha == 0 and eta else math.exp(-eta_h)
         gain = -math.expm1(-h - eta_h)
-        x_next = torch.add(x * (nxt.sigma / cur.sigma * decay), x0, alpha=nxt.alpha * gain)
+        terms = [(nxt.sigma / cur.sigma * decay, x), (nxt.alpha * gain, x0)]
         if len(history) == 2:
             (lam0, _), (lam1, m1) = history
-            x_next = torch.add(x_next, x0 - m1, alpha=0.5 * nxt.alpha * gain * h / (lam0 - lam1))
+            w = 0.5 * nxt.alpha * gain * h / (lam0 - lam1)
+            terms = [terms[0], (nxt.alpha * gain + w, x0), (-w, m1)]
+        x_next = _combine(*terms)
         x = _add_noise(x_next, nxt.sigma * math.sqrt(-math.expm1(-2.0 * eta_h)), noise)
     return x
 
@@ -322,10 +360,7 @@ def _unipc_update(
         rhos = [0.5] if order == 1 else torch.linalg.solve(grid_r, b_t).tolist()
         terms = [*zip(rhos[:-1], diffs, strict=True), (rhos[-1], x0_new - m0)]
     scale = -tgt.alpha * math.expm1(hh)
-    correction = terms[0][1] * terms[0][0]
-    for rho, diff in terms[1:]:
-        correction = torch.add(correction, diff, alpha=rho)
-    return torch.add(base, correction, alpha=scale)
+    return _combine((1.0, base), *((scale * rho, diff) for rho, diff in terms))
 
 
 def unipc(
@@ -412,8 +447,27 @@ def _make_denoiser(
     known: tuple[Tensor, Tensor, Tensor] | None,
     callback: Callable[[int, float, Tensor, Tensor], None] | None,
 ) -> Denoise:
+    # The model times of the grid, made in one go: a per-step tensor costs as much as a
+    # sampler update on small latents.
+    evaluated = grid.levels[:-1]
+    times: dict[tuple[float, int], Tensor] = {}
+
+    def time_tensor(level: Level, x: Tensor) -> Tensor:
+        key = (level.t, x.shape[0])
+        if key not in times:
+            rows = torch.tensor([lv.t for lv in evaluated], dtype=torch.float32, device=x.device)
+            block = rows[:, None].expand(len(evaluated), x.shape[0]).contiguous()
+            times.update(
+                zip(((lv.t, x.shape[0]) for lv in evaluated), block.unbind(0), strict=True)
+            )
+            if key not in times:  # an off-grid level (Heun's ancestral intermediate point)
+                times[key] = torch.full(
+                    (x.shape[0],), level.t, dtype=torch.float32, device=x.device
+                )
+        return times[key]
+
     def predict(x: Tensor, level: Level, batch_cond: Mapping[str, Any]) -> Tensor:
-        t = torch.full((x.shape[0],), level.t, dtype=torch.float32, device=x.device)
+        t = time_tensor(level, x)
         scale = level.model_scale
         if scale != 1.0:
             x = x * scale
@@ -428,7 +482,7 @@ def _make_denoiser(
         if known is not None:
             image, keep, noise0 = known
             x = torch.lerp(level.alpha * image + level.sigma * noise0, x, keep)
-        if not torch.isfinite(x.sum()):
+        if not math.isfinite(x.sum().item()):  # one reduction: cheap next to the model
             raise FloatingPointError(
                 f"sampler state is not finite at step {i} (t = {level.t:.3f}); check the model, "
                 "the prediction type and the schedule (eps prediction cannot reach pure noise)"
@@ -557,7 +611,7 @@ def sample(
     )
     run = functools.partial(spec.run, **order_kwargs) if order_kwargs else spec.run
     out = run(denoise, x, grid, spec.eta if eta is None else float(eta), fresh_noise)
-    if not torch.isfinite(out).all():
+    if not math.isfinite(out.sum().item()):
         raise FloatingPointError(f"sampler output is not finite after step {grid.steps - 1}")
     return out
 

@@ -107,6 +107,8 @@ class DiscreteVP(Schedule):
             raise ValueError("alphas_cumprod must hold at least 2 values in [0, 1]")
         if torch.any(ab[1:] > ab[:-1]):
             raise ValueError("alphas_cumprod must be non-increasing")
+        if not self.shift > 0:
+            raise ValueError(f"time shift must be > 0, got {self.shift}")
         object.__setattr__(self, "alphas_cumprod", ab)
         # log-SNR per integer step; -inf where alpha_bar = 0 (zero terminal SNR).
         object.__setattr__(self, "_table", torch.log(ab) - torch.log1p(-ab))
@@ -258,6 +260,8 @@ def zero_terminal_snr(schedule: DiscreteVP) -> DiscreteVP:
 def shift_time(u: Tensor | float, shift: float) -> Tensor:
     """The resolution time shift u' = shift * u / (1 + (shift - 1) * u) for u in [0, 1]
     (Esser et al. 2024). Shift > 1 spends more steps at high noise."""
+    if not shift > 0:
+        raise ValueError(f"time shift must be > 0, got {shift}")
     uu = _as_float64(u)
     return _like(shift * uu / (1.0 + (shift - 1.0) * uu), u)
 
@@ -268,6 +272,8 @@ def resolution_shift(num_tokens: int, base_tokens: int = 256, base_shift: float 
     the per-token signal-to-noise ratio of the base resolution)."""
     if num_tokens <= 0 or base_tokens <= 0:
         raise ValueError("token counts must be positive")
+    if not base_shift > 0:
+        raise ValueError(f"base_shift must be > 0, got {base_shift}")
     return base_shift * math.sqrt(num_tokens / base_tokens)
 
 
@@ -307,6 +313,10 @@ CLEAN = Level(t=0.0, alpha=1.0, sigma=0.0)
 def levels(schedule: Schedule, t: Tensor) -> list[Level]:
     """The :class:`Level` of each model time in ``t`` (shape (N,))."""
     tt = _as_float64(t).flatten()
-    alphas = _as_float64(schedule.alpha(tt)).tolist()
-    sigmas = _as_float64(schedule.sigma(tt)).tolist()
+    if isinstance(schedule, DiscreteVP):  # one log-SNR lookup serves both scales
+        lam = schedule.log_snr(tt)
+        alphas, sigmas = torch.sigmoid(lam).sqrt().tolist(), torch.sigmoid(-lam).sqrt().tolist()
+    else:
+        alphas = _as_float64(schedule.alpha(tt)).tolist()
+        sigmas = _as_float64(schedule.sigma(tt)).tolist()
     return [Level(float(ti), a, s) for ti, a, s in zip(tt.tolist(), alphas, sigmas, strict=True)]
