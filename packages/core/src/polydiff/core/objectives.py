@@ -140,16 +140,19 @@ def diffusion_loss(
     out = model(x_t, t.to(torch.float32), **(cond or {}))
     if out.shape != x0.shape:
         raise ValueError(f"model output has shape {tuple(out.shape)}, expected {tuple(x0.shape)}")
-    err = (out.float() - goal.float()) ** 2
+    diff = out.float() - goal.float()
     dims = tuple(range(1, x0.ndim))
     if mask is None:
-        per_sample = err.mean(dim=dims)
+        per_sample = (diff * diff).mean(dim=dims)
     else:
-        m = torch.broadcast_to(mask.to(err.dtype), err.shape)
+        m = torch.broadcast_to(mask.to(diff.dtype), diff.shape)
         count = m.sum(dim=dims)
         if torch.any(count == 0):
             raise ValueError("a sample in the batch has no unmasked elements")
-        per_sample = (err * m).sum(dim=dims) / count
+        # Select before squaring: whatever the model emits at padding (even NaN) is dropped,
+        # and no NaN reaches the gradient through a 0 * NaN product.
+        diff = torch.where(m > 0, diff, 0.0)
+        per_sample = (diff * diff * m).sum(dim=dims) / count
     per_sample = per_sample * loss_weight(schedule, t, prediction, weighting, snr_gamma).to(
         per_sample.device
     )

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import schedules as _schedules
-from .guidance import Guider, as_guider
+from .guidance import Guider, NoGuidance, as_guider
 from .predictions import check_prediction, to_x0
 from .schedules import CLEAN, Level, Schedule
 
@@ -617,8 +617,10 @@ def sample(
 
 
 def _is_guided(guider: Guider, uncond: Mapping[str, Any] | None) -> bool:
-    scale = getattr(guider, "scale", None)
-    return uncond is not None and scale not in (None, 1.0)
+    """Whether predictions mix cond and uncond (then multistep solvers use a lower order)."""
+    if uncond is None or isinstance(guider, NoGuidance):
+        return False
+    return getattr(guider, "scale", None) != 1.0
 
 
 def invert(
