@@ -127,34 +127,42 @@ def timesteps(
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
     big_t, t_max = schedule.train_steps, schedule.t_max
-    i = torch.arange(steps, dtype=torch.float64)
+    # The simple grids in Python floats: a handful of tensor ops per grid costs more than a
+    # sampler step on small latents.
     if spacing == "linspace":
-        t = t_max * (1.0 - i / steps)
-    elif spacing == "trailing":
-        if schedule.kind == "vp":
-            t = torch.round(big_t - i * big_t / steps) - 1.0
+        return torch.tensor([t_max * (1.0 - i / steps) for i in range(steps)], dtype=torch.float64)
+    if spacing == "trailing":
+        if schedule.kind == "vp":  # numpy/torch round half to even, as diffusers does
+            values = [float(round(big_t - i * big_t / steps)) - 1.0 for i in range(steps)]
         else:
-            t = t_max * (1.0 - i / steps)
-    elif spacing == "leading":
+            values = [t_max * (1.0 - i / steps) for i in range(steps)]
+        return torch.tensor(values, dtype=torch.float64)
+    if spacing == "leading":
         if steps > big_t:
             raise ValueError(f"leading spacing allows at most {big_t} steps")
-        t = (steps - 1 - i) * (big_t // steps) + 1.0
-    elif spacing == "flow_shift":
-        u = 1.0 - i / steps
-        t = t_max * _schedules.shift_time(u, schedule.shift if shift is None else shift)
+        values = [(steps - 1 - i) * (big_t // steps) + 1.0 for i in range(steps)]
+        return torch.tensor(values, dtype=torch.float64)
+    if spacing == "flow_shift":
+        k = schedule.shift if shift is None else shift
+        if not k > 0:
+            raise ValueError(f"shift must be > 0, got {k}")
+        us = [1.0 - i / steps for i in range(steps)]
+        return torch.tensor(
+            [t_max * k * u / (1.0 + (k - 1.0) * u) for u in us], dtype=torch.float64
+        )
+    # karras and logsnr live between the schedule's extreme noise levels.
+    hi = t_max
+    if not math.isfinite(float(schedule.log_snr(hi))):
+        hi = t_max - t_max / big_t  # pure noise has no finite sigma/alpha: stop one step short
+    lam_hi, lam_lo = float(schedule.log_snr(hi)), float(schedule.log_snr(schedule.t_min))
+    ramp = torch.arange(steps, dtype=torch.float64) / max(steps - 1, 1)
+    if spacing == "karras":
+        s_hi, s_lo = math.exp(-lam_hi / 2) ** (1 / rho), math.exp(-lam_lo / 2) ** (1 / rho)
+        lam = -2.0 * rho * torch.log(s_hi + ramp * (s_lo - s_hi))
     else:
-        hi = t_max
-        if not math.isfinite(float(schedule.log_snr(hi))):
-            hi = t_max - t_max / big_t  # pure noise has no finite sigma/alpha: stop one step short
-        lam_hi, lam_lo = float(schedule.log_snr(hi)), float(schedule.log_snr(schedule.t_min))
-        ramp = i / max(steps - 1, 1)
-        if spacing == "karras":
-            s_hi, s_lo = math.exp(-lam_hi / 2) ** (1 / rho), math.exp(-lam_lo / 2) ** (1 / rho)
-            lam = -2.0 * rho * torch.log(s_hi + ramp * (s_lo - s_hi))
-        else:
-            lam = lam_hi + ramp * (lam_lo - lam_hi)
-        t = schedule.t_from_log_snr(lam)
-        t[0] = hi
+        lam = lam_hi + ramp * (lam_lo - lam_hi)
+    t = schedule.t_from_log_snr(lam)
+    t[0] = hi
     return t.clamp(0.0, t_max)
 
 
@@ -467,7 +475,9 @@ def _make_denoiser(
         return times[key]
 
     def predict(x: Tensor, level: Level, batch_cond: Mapping[str, Any]) -> Tensor:
-        t = time_tensor(level, x)
+        t = times.get((level.t, x.shape[0]))
+        if t is None:
+            t = time_tensor(level, x)
         scale = level.model_scale
         if scale != 1.0:
             x = x * scale
@@ -475,8 +485,12 @@ def _make_denoiser(
             model(x, t, **batch_cond), x, level.alpha * scale, level.sigma * scale, prediction
         )
 
+    levels = grid.levels
+    unguided = isinstance(guider, NoGuidance)
+    batch_cond = dict(cond)
+
     def denoise(x: Tensor, i: int, level: Level | None = None) -> tuple[Tensor, Tensor]:
-        level = grid.levels[i] if level is None else level
+        level = levels[i] if level is None else level
         if level.sigma <= 0:
             raise AssertionError("the model is never evaluated at the clean level")
         if known is not None:
@@ -487,7 +501,10 @@ def _make_denoiser(
                 f"sampler state is not finite at step {i} (t = {level.t:.3f}); check the model, "
                 "the prediction type and the schedule (eps prediction cannot reach pure noise)"
             )
-        x, x0 = guider(predict, x, level, cond, uncond)
+        if unguided:  # the common case, without a guider call in the per-step path
+            x0 = predict(x, level, batch_cond)
+        else:
+            x, x0 = guider(predict, x, level, cond, uncond)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
         if known is not None:

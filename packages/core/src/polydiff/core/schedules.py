@@ -82,6 +82,11 @@ class Schedule:
         """Inverse of :meth:`log_snr`, clamped to [t_min, t_max]."""
         raise NotImplementedError
 
+    def scales(self, t: float) -> tuple[float, float]:
+        """(alpha(t), sigma(t)) as Python floats: the samplers' per-grid fast path."""
+        tt = torch.tensor(t, dtype=torch.float64)
+        return float(self.alpha(tt)), float(self.sigma(tt))
+
     def noise_level(self, t: Tensor | float) -> Tensor:
         """The schedule-free noise level sigma/alpha = exp(-log_snr / 2) (EDM's sigma)."""
         return torch.exp(-0.5 * self.log_snr(t))
@@ -100,6 +105,7 @@ class DiscreteVP(Schedule):
     shift: float = 1.0
     kind: Literal["vp", "flow"] = field(default="vp", init=False)
     _table: Tensor = field(init=False, repr=False)
+    _table_list: list[float] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         ab = _as_float64(self.alphas_cumprod).flatten()
@@ -112,6 +118,7 @@ class DiscreteVP(Schedule):
         object.__setattr__(self, "alphas_cumprod", ab)
         # log-SNR per integer step; -inf where alpha_bar = 0 (zero terminal SNR).
         object.__setattr__(self, "_table", torch.log(ab) - torch.log1p(-ab))
+        object.__setattr__(self, "_table_list", self._table.tolist())
 
     @property
     def train_steps(self) -> int:  # type: ignore[override]
@@ -137,6 +144,17 @@ class DiscreteVP(Schedule):
 
     def alpha(self, t: Tensor | float) -> Tensor:
         return _like(torch.sigmoid(_as_float64(self.log_snr(_as_float64(t)))).sqrt(), t)
+
+    def scales(self, t: float) -> tuple[float, float]:
+        # The same linear log-SNR interpolation as log_snr(), in Python floats.
+        t = min(max(float(t), 0.0), self.t_max)
+        k = min(int(t), self.train_steps - 2)
+        frac = t - k
+        a, b = self._table_list[k], self._table_list[k + 1]
+        lam = a if frac == 0 else b if frac == 1 else a + frac * (b - a)
+        if lam == -math.inf:
+            return 0.0, 1.0
+        return math.sqrt(1.0 / (1.0 + math.exp(-lam))), math.sqrt(1.0 / (1.0 + math.exp(lam)))
 
     def sigma(self, t: Tensor | float) -> Tensor:
         return _like(torch.sigmoid(-_as_float64(self.log_snr(_as_float64(t)))).sqrt(), t)
@@ -185,6 +203,10 @@ class Flow(Schedule):
 
     def alpha(self, t: Tensor | float) -> Tensor:
         return _like(1.0 - self._s(t), t)
+
+    def scales(self, t: float) -> tuple[float, float]:
+        s = min(max(float(t) / self.train_steps, 0.0), 1.0)
+        return 1.0 - s, s
 
     def sigma(self, t: Tensor | float) -> Tensor:
         return _like(self._s(t), t)
@@ -312,11 +334,4 @@ CLEAN = Level(t=0.0, alpha=1.0, sigma=0.0)
 
 def levels(schedule: Schedule, t: Tensor) -> list[Level]:
     """The :class:`Level` of each model time in ``t`` (shape (N,))."""
-    tt = _as_float64(t).flatten()
-    if isinstance(schedule, DiscreteVP):  # one log-SNR lookup serves both scales
-        lam = schedule.log_snr(tt)
-        alphas, sigmas = torch.sigmoid(lam).sqrt().tolist(), torch.sigmoid(-lam).sqrt().tolist()
-    else:
-        alphas = _as_float64(schedule.alpha(tt)).tolist()
-        sigmas = _as_float64(schedule.sigma(tt)).tolist()
-    return [Level(float(ti), a, s) for ti, a, s in zip(tt.tolist(), alphas, sigmas, strict=True)]
+    return [Level(ti, *schedule.scales(ti)) for ti in _as_float64(t).flatten().tolist()]
