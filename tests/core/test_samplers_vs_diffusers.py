@@ -256,3 +256,15 @@ def test_lcm_matches_diffusers_with_the_same_generator():
     )
     # diffusers also applies LCM's boundary condition, which is < 1e-7 at these timesteps.
     assert rel_err(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+def test_polydiff_spacings_reproduce_diffusers_multistep_grids(spacing):
+    from polydiff.core import timesteps
+
+    for cls in (diffusers.DPMSolverMultistepScheduler, diffusers.UniPCMultistepScheduler):
+        sched = cls(beta_schedule="linear", timestep_spacing=spacing)
+        for steps in (5, 10, 25):
+            sched.set_timesteps(steps)
+            ours = timesteps(schedules.linear(), steps, spacing)
+            assert ours.tolist() == sched.timesteps.tolist(), (cls.__name__, steps)

@@ -203,7 +203,8 @@ def test_spacings_give_the_documented_grids():
         99,
     ]
     assert timesteps(vp, 10, "leading").tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
-    assert timesteps(vp, 4, "linspace").tolist() == pytest.approx([999, 749.25, 499.5, 249.75])
+    assert timesteps(vp, 4, "linspace").tolist() == [999, 749, 500, 250]
+    assert timesteps(schedules.flow(), 4, "linspace").tolist() == [1000, 750, 500, 250]
     lam = vp.log_snr(timesteps(vp, 6, "logsnr"))
     assert torch.allclose(lam.diff(), lam.diff()[0].expand(5), atol=1e-9)
     flow_grid = timesteps(schedules.flow(shift=3.0), 4)

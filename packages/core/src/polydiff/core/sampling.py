@@ -112,7 +112,8 @@ def timesteps(
     """Model times of ``steps`` evaluations, decreasing (float64, shape (steps,)).
 
     Spacings (the sampler then always takes a last step to sigma = 0):
-        linspace: evenly spaced from t_max towards 0 (t_max * (1 - i / N)).
+        linspace: evenly spaced from t_max towards 0 (t_max * (1 - i / N), rounded to integer
+            DDPM timesteps for VP: diffusers' DPM-Solver/UniPC/DEIS ``linspace`` grid).
         trailing: diffusers' trailing grid: round(T - i * T / N) - 1 for VP (starts at T - 1).
         leading: diffusers' leading grid with offset 1 (i * (T // N) + 1); it does NOT start at
             pure noise, which is why it is not a default.
@@ -130,7 +131,10 @@ def timesteps(
     # The simple grids in Python floats: a handful of tensor ops per grid costs more than a
     # sampler step on small latents.
     if spacing == "linspace":
-        return torch.tensor([t_max * (1.0 - i / steps) for i in range(steps)], dtype=torch.float64)
+        values = [t_max * (1.0 - i / steps) for i in range(steps)]
+        if schedule.kind == "vp":  # DDPM timesteps are integers (diffusers' multistep grids)
+            values = [float(round(v)) for v in values]
+        return torch.tensor(values, dtype=torch.float64)
     if spacing == "trailing":
         if schedule.kind == "vp":  # numpy/torch round half to even, as diffusers does
             values = [float(round(big_t - i * big_t / steps)) - 1.0 for i in range(steps)]
