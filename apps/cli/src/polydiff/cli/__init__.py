@@ -1,0 +1,1 @@
+"""The `polydiff` command line."""

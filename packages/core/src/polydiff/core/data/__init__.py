@@ -1,0 +1,34 @@
+"""WebDataset shards: writing them, naming them, and streaming batches from them.
+
+- :func:`write_shards` writes samples (or :class:`Skip` records) with ``webdataset.ShardWriter``
+  plus an ``index.json`` of per-shard counts, and returns a :class:`ShardSummary`.
+- :func:`expand_urls` turns a folder, brace pattern, list or URLs into shard URLs.
+- :class:`ShardStream` yields equal numbers of batches per rank, decodes in DataLoader
+  workers, skips and counts bad samples (:class:`DataError` past a limit) and resumes exactly
+  from its ``state_dict()``.
+"""
+
+from .shards import (
+    INDEX_NAME,
+    ShardSummary,
+    Skip,
+    expand_urls,
+    iter_shard,
+    shard_counts,
+    write_shards,
+)
+from .stream import MIN_SAMPLES_FOR_BAD_FRACTION, DataError, ShardStream, StreamStats
+
+__all__ = [
+    "INDEX_NAME",
+    "MIN_SAMPLES_FOR_BAD_FRACTION",
+    "DataError",
+    "ShardStream",
+    "ShardSummary",
+    "Skip",
+    "StreamStats",
+    "expand_urls",
+    "iter_shard",
+    "shard_counts",
+    "write_shards",
+]

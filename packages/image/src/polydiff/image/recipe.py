@@ -1,0 +1,519 @@
+"""``ImageRecipe``: how the shared trainer and CLI train and sample images.
+
+The ``model:`` section of an image config (every key optional; defaults below)::
+
+    kind: unet              # unet | dit (pixel denoisers) | latent_dit | autoencoder
+    image_size: 16          # square side in pixels; samples are centre-cropped and resized
+    channels: 1             # 1 = grayscale, 3 = RGB
+    text_encoder: null      # null = the bundled all-MiniLM-L6-v2; or a local model folder
+    text_max_length: 16     # text token positions (prompts are padded / truncated)
+    schedule: cosine        # linear | scaled_linear | cosine | flow
+    zero_terminal_snr: false
+    shift: 1.0              # time shift (training times and flow_shift sampling grids)
+    prediction: v           # eps | x0 | v | flow
+    time_distribution: uniform   # uniform | logit_normal
+    weighting: min_snr      # none | min_snr
+    snr_gamma: 5.0
+    cond_drop: 0.1          # CFG training: probability of the empty prompt
+    sampler: unipc          # defaults of previews and `polydiff generate`
+    sample_steps: 30
+    guidance: 3.0
+    unet: {base_channels: 32, channel_mult: [1, 2], num_res_blocks: 2,
+           attention_levels: [1], heads: 4, dropout: 0.0}              # kind unet
+    dit: {patch: 2, dim: 192, depth: 6, heads: 6, mlp_ratio: 4.0,
+          qk_norm: true}                                               # kinds dit, latent_dit
+    autoencoder: {latent_channels: 4, base_channels: 32, channel_mult: [1, 2],
+                  kl_weight: 1.0e-4}                                   # kind autoencoder
+    autoencoder: path/to/autoencoder/final                             # kind latent_dit
+    gradient_checkpointing: false
+
+Latent diffusion is two runs of ``polydiff train``: first ``kind: autoencoder`` (loss =
+reconstruction MSE + ``kl_weight`` * KL), then ``kind: latent_dit`` with ``autoencoder:`` set
+to the first run's ``final/`` folder; the latent DiT's checkpoint then holds the (frozen)
+autoencoder too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Hashable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from polydiff.core import SAMPLERS, schedules
+from polydiff.core.ema import unwrap_model
+from polydiff.core.guidance import drop_conditioning
+from polydiff.core.objectives import TIME_DISTRIBUTIONS, WEIGHTINGS, diffusion_loss
+from polydiff.core.predictions import PREDICTIONS
+from polydiff.core.train import ConfigError
+
+from . import data, synthetic
+from .model import KLAutoencoder, LatentDiT, PixelDiT, PixelUNet
+
+__all__ = ["DEFAULTS", "KINDS", "ImageRecipe", "make_schedule", "text_conditioning"]
+
+KINDS = ("unet", "dit", "latent_dit", "autoencoder")
+SCHEDULES = ("linear", "scaled_linear", "cosine", "flow")
+
+DEFAULTS: dict[str, Any] = {
+    "kind": "unet",
+    "image_size": 16,
+    "channels": 1,
+    "text_encoder": None,
+    "text_max_length": 16,
+    "schedule": "cosine",
+    "zero_terminal_snr": False,
+    "shift": 1.0,
+    "prediction": "v",
+    "time_distribution": "uniform",
+    "weighting": "min_snr",
+    "snr_gamma": 5.0,
+    "cond_drop": 0.1,
+    "sampler": "unipc",
+    "sample_steps": 30,
+    "guidance": 3.0,
+    "gradient_checkpointing": False,
+}
+SECTION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "unet": {
+        "base_channels": 32,
+        "channel_mult": [1, 2],
+        "num_res_blocks": 2,
+        "attention_levels": [1],
+        "heads": 4,
+        "dropout": 0.0,
+    },
+    "dit": {"patch": 2, "dim": 192, "depth": 6, "heads": 6, "mlp_ratio": 4.0, "qk_norm": True},
+    "autoencoder": {
+        "latent_channels": 4,
+        "base_channels": 32,
+        "channel_mult": [1, 2],
+        "kl_weight": 1.0e-4,
+    },
+}
+# Which sections each kind reads; any other section is a mistake and is refused.
+KIND_SECTIONS = {
+    "unet": ("unet",),
+    "dit": ("dit",),
+    "latent_dit": ("dit", "autoencoder"),
+    "autoencoder": ("autoencoder",),
+}
+_LATENT_DIT_DEFAULTS = {"patch": 1}  # latents are already small; one token per latent pixel
+
+
+def _fail(key: str, problem: str) -> ConfigError:
+    return ConfigError(f"model.{key}: {problem}")
+
+
+def _check_keys(given: Mapping[str, Any], allowed: Mapping[str, Any], prefix: str) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        names = ", ".join(f"{prefix}{k}" for k in unknown)
+        raise ConfigError(f"unknown key(s) {names}; valid: {', '.join(sorted(allowed))}")
+
+
+def _number(cfg: dict[str, Any], key: str, kind: type, low: float, name: str = "") -> None:
+    value = cfg[key]
+    if kind is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it spells.
+        with contextlib.suppress(ValueError):  # a non-number is reported below
+            value = cfg[key] = float(value)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < low:
+        raise _fail(name or key, f"expected {kind.__name__} >= {low}, got {value!r}")
+
+
+def _int_list(cfg: dict[str, Any], key: str, name: str, low: int) -> None:
+    value = cfg[key]
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value
+    ):
+        raise _fail(name, f"expected a list of integers >= {low}, got {value!r}")
+    cfg[key] = list(value)
+
+
+def _choice(cfg: Mapping[str, Any], key: str, valid: tuple[str, ...]) -> None:
+    if cfg[key] not in valid:
+        raise _fail(key, f"{cfg[key]!r} is not one of {', '.join(valid)}")
+
+
+def make_schedule(model_cfg: Mapping[str, Any]) -> schedules.Schedule:
+    """The noise schedule a validated model config names."""
+    name, shift = model_cfg["schedule"], float(model_cfg["shift"])
+    if name == "flow":
+        return schedules.flow(shift=shift)
+    base = getattr(schedules, name)(zero_terminal_snr=bool(model_cfg["zero_terminal_snr"]))
+    if shift == 1.0:
+        return base
+    return schedules.DiscreteVP(base.alphas_cumprod, shift=shift)
+
+
+@functools.cache
+def _text_encoder(name: str | None, max_length: int) -> Any:
+    # On the CPU: with its prompt cache the encoder runs once per distinct caption, so a GPU
+    # would save nothing and cost memory; encodings are moved to the model's device.
+    from polydiff.core.text import load_text_encoder
+
+    return load_text_encoder(name, max_length=max_length)
+
+
+def text_conditioning(
+    prompts: list[str], model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """Prompts -> the denoiser's text inputs ``{"context", "context_mask", "pooled"}``.
+
+    The encoder is loaded once per process and caches prompts, so the captions of a small
+    set such as the digits are encoded once.
+    """
+    encoder = _text_encoder(model_cfg["text_encoder"], int(model_cfg["text_max_length"]))
+    encoding = encoder.encode(list(prompts)).to(device=device, dtype=dtype)
+    return {"context": encoding.tokens, "context_mask": encoding.mask, "pooled": encoding.pooled}
+
+
+def text_dims(model_cfg: Mapping[str, Any]) -> tuple[int, int]:
+    """(token width D, pooled width P) of the configured text encoder."""
+    encoder = _text_encoder(model_cfg["text_encoder"], int(model_cfg["text_max_length"]))
+    return encoder.dim, encoder.pooled_dim
+
+
+def _model_params(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for param in unwrap_model(model).parameters():
+        if param.is_floating_point():
+            return param.device, param.dtype
+    return torch.device("cpu"), torch.float32
+
+
+class ImageRecipe:
+    """Text-to-image recipe: pixel U-Net / DiT, latent DiT and its KL autoencoder."""
+
+    name = "image"
+
+    # --- config --------------------------------------------------------------------------
+    def validate(self, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """Fill in defaults and check every key and value; ConfigError names the bad key."""
+        if not isinstance(model_cfg, Mapping):
+            raise ConfigError(f"model: expected a mapping, got {type(model_cfg).__name__}")
+        allowed = {**DEFAULTS, **SECTION_DEFAULTS}
+        _check_keys(model_cfg, allowed, "model.")
+        cfg: dict[str, Any] = {**DEFAULTS, **{k: v for k, v in model_cfg.items() if k in DEFAULTS}}
+        _choice(cfg, "kind", KINDS)
+        kind = cfg["kind"]
+        for section in SECTION_DEFAULTS:
+            if section in model_cfg and section not in KIND_SECTIONS[kind]:
+                raise _fail(section, f"is not used by kind {kind!r}; remove it")
+
+        _number(cfg, "image_size", int, 1)
+        if cfg["channels"] not in (1, 3):
+            raise _fail("channels", f"expected 1 (grayscale) or 3 (RGB), got {cfg['channels']!r}")
+        if cfg["text_encoder"] is not None and not isinstance(cfg["text_encoder"], str):
+            raise _fail("text_encoder", "expected null (bundled MiniLM) or a model folder path")
+        _number(cfg, "text_max_length", int, 2)
+        _choice(cfg, "schedule", SCHEDULES)
+        if not isinstance(cfg["zero_terminal_snr"], bool):
+            raise _fail(
+                "zero_terminal_snr", f"expected true/false, got {cfg['zero_terminal_snr']!r}"
+            )
+        if not isinstance(cfg["gradient_checkpointing"], bool):
+            raise _fail("gradient_checkpointing", "expected true/false")
+        _number(cfg, "shift", float, 1e-6)
+        _choice(cfg, "prediction", PREDICTIONS)
+        if cfg["zero_terminal_snr"] and cfg["prediction"] == "eps":
+            raise _fail("prediction", "eps cannot be used with zero_terminal_snr (use v or x0)")
+        _choice(cfg, "time_distribution", TIME_DISTRIBUTIONS)
+        _choice(cfg, "weighting", WEIGHTINGS)
+        _number(cfg, "snr_gamma", float, 1e-6)
+        _number(cfg, "cond_drop", float, 0.0)
+        if cfg["cond_drop"] > 1:
+            raise _fail("cond_drop", f"expected a probability in [0, 1], got {cfg['cond_drop']}")
+        _choice(cfg, "sampler", tuple(SAMPLERS))
+        _number(cfg, "sample_steps", int, 1)
+        _number(cfg, "guidance", float, 0.0)
+
+        for section in KIND_SECTIONS[kind]:
+            given = model_cfg.get(section, {})
+            if section == "autoencoder" and kind == "latent_dit":
+                if not isinstance(given, str | Path) or not str(given):
+                    raise _fail(
+                        "autoencoder",
+                        "kind latent_dit needs the path of a trained autoencoder checkpoint "
+                        "(the final/ folder of a kind: autoencoder run)",
+                    )
+                cfg["autoencoder"] = str(given)
+                continue
+            if not isinstance(given, Mapping):
+                raise _fail(section, f"expected a mapping, got {type(given).__name__}")
+            defaults = dict(SECTION_DEFAULTS[section])
+            if section == "dit" and kind == "latent_dit":
+                defaults.update(_LATENT_DIT_DEFAULTS)
+            _check_keys(given, defaults, f"model.{section}.")
+            cfg[section] = {**defaults, **given}
+            self._check_section(section, cfg[section])
+
+        factor = self._downsample_factor(cfg)
+        if cfg["image_size"] % factor:
+            raise _fail("image_size", f"{cfg['image_size']} is not divisible by {factor}")
+        return cfg
+
+    @staticmethod
+    def _check_section(section: str, sec: dict[str, Any]) -> None:
+        def name(key: str) -> str:
+            return f"{section}.{key}"
+
+        if section == "unet":
+            for key in ("base_channels", "num_res_blocks", "heads"):
+                _number(sec, key, int, 1, name(key))
+            _int_list(sec, "channel_mult", name("channel_mult"), 1)
+            _int_list(sec, "attention_levels", name("attention_levels"), 0)
+            if not sec["channel_mult"]:
+                raise _fail(name("channel_mult"), "needs at least one level")
+            if any(level >= len(sec["channel_mult"]) for level in sec["attention_levels"]):
+                raise _fail(name("attention_levels"), "must index channel_mult")
+            if any(sec["base_channels"] * m % sec["heads"] for m in sec["channel_mult"]):
+                raise _fail(name("heads"), "must divide every level's width")
+            _number(sec, "dropout", float, 0.0, name("dropout"))
+        elif section == "dit":
+            for key in ("patch", "dim", "depth", "heads"):
+                _number(sec, key, int, 1, name(key))
+            if sec["dim"] % sec["heads"] or (sec["dim"] // sec["heads"]) % 4:
+                raise _fail(name("heads"), "dim / heads must be a multiple of 4 (2D rotary)")
+            _number(sec, "mlp_ratio", float, 1e-6, name("mlp_ratio"))
+            if not isinstance(sec["qk_norm"], bool):
+                raise _fail(name("qk_norm"), "expected true/false")
+        else:
+            for key in ("latent_channels", "base_channels"):
+                _number(sec, key, int, 1, name(key))
+            _int_list(sec, "channel_mult", name("channel_mult"), 1)
+            if not sec["channel_mult"]:
+                raise _fail(name("channel_mult"), "needs at least one level")
+            _number(sec, "kl_weight", float, 0.0, name("kl_weight"))
+
+    @staticmethod
+    def _downsample_factor(cfg: Mapping[str, Any]) -> int:
+        """What the image side must be divisible by (known before loading anything)."""
+        kind = cfg["kind"]
+        if kind == "unet":
+            return 2 ** (len(cfg["unet"]["channel_mult"]) - 1)
+        if kind == "dit":
+            return cfg["dit"]["patch"]
+        if kind == "autoencoder":
+            return 2 ** (len(cfg["autoencoder"]["channel_mult"]) - 1)
+        return 1  # latent_dit: checked against the autoencoder when it is loaded
+
+    # --- model ---------------------------------------------------------------------------
+    def build_model(self, model_cfg: Mapping[str, Any]) -> nn.Module:
+        """A fresh model of ``kind`` (latent_dit: with the trained autoencoder loaded)."""
+        cfg = model_cfg
+        kind = cfg["kind"]
+        checkpointing = bool(cfg["gradient_checkpointing"])
+        if kind == "autoencoder":
+            sec = cfg["autoencoder"]
+            return KLAutoencoder(
+                channels=cfg["channels"],
+                latent_channels=sec["latent_channels"],
+                base_channels=sec["base_channels"],
+                channel_mult=list(sec["channel_mult"]),
+            )
+        context_dim, pooled_dim = text_dims(cfg)
+        if kind == "unet":
+            sec = cfg["unet"]
+            return PixelUNet(
+                channels=cfg["channels"],
+                base_channels=sec["base_channels"],
+                channel_mult=list(sec["channel_mult"]),
+                num_res_blocks=sec["num_res_blocks"],
+                attention_levels=list(sec["attention_levels"]),
+                heads=sec["heads"],
+                context_dim=context_dim,
+                pooled_dim=pooled_dim,
+                dropout=float(sec["dropout"]),
+                gradient_checkpointing=checkpointing,
+            )
+        sec = cfg["dit"]
+        dit_args = {
+            "patch": sec["patch"],
+            "dim": sec["dim"],
+            "depth": sec["depth"],
+            "heads": sec["heads"],
+            "mlp_ratio": float(sec["mlp_ratio"]),
+            "context_dim": context_dim,
+            "pooled_dim": pooled_dim,
+            "qk_norm": sec["qk_norm"],
+            "gradient_checkpointing": checkpointing,
+        }
+        if kind == "dit":
+            return PixelDiT(channels=cfg["channels"], **dit_args)
+        return self._build_latent_dit(cfg, dit_args)
+
+    @staticmethod
+    def _build_latent_dit(cfg: Mapping[str, Any], dit_args: dict[str, Any]) -> LatentDiT:
+        from polydiff.core.pretrained import from_pretrained
+
+        autoencoder = from_pretrained(cfg["autoencoder"], KLAutoencoder)
+        if autoencoder.config["channels"] != cfg["channels"]:
+            raise _fail(
+                "autoencoder",
+                f"{cfg['autoencoder']} encodes {autoencoder.config['channels']}-channel images "
+                f"but model.channels is {cfg['channels']}",
+            )
+        latent_size, rest = divmod(cfg["image_size"], autoencoder.downsample_factor)
+        if rest or latent_size % dit_args["patch"]:
+            raise _fail(
+                "image_size",
+                f"{cfg['image_size']} must be divisible by the autoencoder's factor "
+                f"{autoencoder.downsample_factor} times dit.patch {dit_args['patch']}",
+            )
+        model = LatentDiT(autoencoder=dict(autoencoder.config), **dit_args)
+        model.autoencoder.load_state_dict(autoencoder.state_dict())
+        return model
+
+    # --- data ----------------------------------------------------------------------------
+    def decode(self, sample: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """Shard sample -> ``{"image": (C, H, W) in [-1, 1], "caption": str}``."""
+        return data.decode(sample, model_cfg)
+
+    def bucket(self, sample: Mapping[str, Any]) -> Hashable | None:
+        """Every image is resized to ``image_size``: one bucket."""
+        return None
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """-> ``{"image": (B, C, H, W), "caption": list[str]}``."""
+        return data.collate(samples)
+
+    def synthetic(self, name: str, count: int | None) -> Iterator[dict[str, Any]]:
+        """``digits``: sklearn's real handwritten digits at 16x16 (see ``synthetic.digits``)."""
+        if name != "digits":
+            raise ValueError(
+                f"unknown synthetic image set {name!r}; available: "
+                f"{', '.join(synthetic.SYNTHETIC_SETS)}"
+            )
+        return synthetic.digits(count)
+
+    def generate(self, args: Any) -> list[Path]:
+        """``polydiff generate image``: every prompt ``args.num`` times, saved as PNG files
+        (``FILE.png``, or ``FILE_0.png`` ... when there is more than one image)."""
+        from .export import save_images
+        from .pipeline import generate
+
+        images = generate(
+            args.prompt,
+            checkpoint=args.checkpoint,
+            num=args.num,
+            steps=args.steps,
+            sampler=args.sampler,
+            guidance=args.guidance,
+            seed=args.seed,
+        )
+        return save_images(images, args.out, len(images))
+
+    def source(self, folder: Path) -> Iterator[dict[str, Any]]:
+        """Captioned PNG/JPEG files of a folder (see ``data.folder_source``)."""
+        return data.folder_source(folder)
+
+    # --- training ------------------------------------------------------------------------
+    def loss(
+        self,
+        model: nn.Module,
+        batch: Mapping[str, Any],
+        generator: torch.Generator,
+        model_cfg: Mapping[str, Any],
+    ) -> Tensor:
+        """Scalar loss of one micro-batch.
+
+        Denoisers: captions -> text tokens/mask/pooled; each caption is replaced by the empty
+        prompt with probability ``cond_drop`` (classifier-free guidance training); then
+        ``diffusion_loss`` with the configured schedule, prediction, time distribution and
+        weighting. Latent DiT: on the frozen autoencoder's normalised latents.
+        Autoencoder: reconstruction MSE + ``kl_weight`` * KL per image element.
+        """
+        device, dtype = _model_params(model)
+        images = batch["image"].to(device=device, dtype=dtype)
+        if model_cfg["kind"] == "autoencoder":
+            return self._autoencoder_loss(model, images, generator, model_cfg)
+        captions = list(batch["caption"])
+        cond = text_conditioning(captions, model_cfg, device, dtype)
+        null = text_conditioning([""], model_cfg, device, dtype)
+        cond, _ = drop_conditioning(cond, null, float(model_cfg["cond_drop"]), generator)
+        x0 = images
+        if model_cfg["kind"] == "latent_dit":
+            x0 = unwrap_model(model).encode(images)
+        return diffusion_loss(
+            model,
+            x0,
+            make_schedule(model_cfg),
+            prediction=model_cfg["prediction"],
+            cond=cond,
+            time_distribution=model_cfg["time_distribution"],
+            weighting=model_cfg["weighting"],
+            snr_gamma=float(model_cfg["snr_gamma"]),
+            generator=generator,
+        )
+
+    @staticmethod
+    def _autoencoder_loss(
+        model: nn.Module, images: Tensor, generator: torch.Generator, model_cfg: Mapping[str, Any]
+    ) -> Tensor:
+        autoencoder = unwrap_model(model)
+        factor = autoencoder.downsample_factor
+        latent_shape = (
+            images.shape[0],
+            autoencoder.config["latent_channels"],
+            images.shape[2] // factor,
+            images.shape[3] // factor,
+        )
+        noise = torch.randn(latent_shape, generator=generator, device=generator.device)
+        recon, mean, logvar = model(images, noise.to(device=images.device, dtype=images.dtype))
+        if autoencoder.training:
+            autoencoder.track_latent_std(mean)
+        mse = (recon.float() - images.float()).pow(2).mean()
+        mean, logvar = mean.float(), logvar.float()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum() / images.numel()
+        return mse + float(model_cfg["autoencoder"]["kl_weight"]) * kl
+
+    def preview(
+        self, model: nn.Module, out_dir: Path, step: int, model_cfg: Mapping[str, Any]
+    ) -> list[Path]:
+        """One PNG grid in ``out_dir`` (the trainer's ``previews/step_XXXXXX/``):
+        ``digits.png``, digits 0..9 drawn from their prompts, or for an autoencoder
+        ``reconstructions.png``, real digits over their reconstructions."""
+        from .pipeline import grid_image, sample_images, to_pil
+
+        net = unwrap_model(model)
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                if model_cfg["kind"] == "autoencoder":
+                    tensors = self._reconstruction_pairs(net, model_cfg)
+                    name, rows = "reconstructions.png", 2
+                else:
+                    prompts = [synthetic.digit_caption(d) for d in range(10)]
+                    tensors = sample_images(net, model_cfg, prompts, seed=step)
+                    name, rows = "digits.png", 1
+        finally:
+            net.train(was_training)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / name
+        grid_image(to_pil(tensors), rows=rows).save(path)
+        return [path]
+
+    @staticmethod
+    def _reconstruction_pairs(net: nn.Module, model_cfg: Mapping[str, Any]) -> Tensor:
+        device, dtype = _model_params(net)
+        firsts: dict[int, dict[str, Any]] = {}
+        for sample in synthetic.digits(size=int(model_cfg["image_size"])):
+            firsts.setdefault(sample["json"]["label"], sample)
+            if len(firsts) == 10:
+                break
+        images = torch.stack([data.decode(firsts[d], model_cfg)["image"] for d in range(10)]).to(
+            device=device, dtype=dtype
+        )
+        recon = net.decode(net.encode(images)[0])  # the posterior mean: no sampling noise
+        return torch.cat([images, recon.clamp(-1, 1)]).float()
