@@ -98,7 +98,8 @@ class PeakMemory:
             for pid in filter(str.isdigit, os.listdir("/proc")):
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                    if b"polydiff.core.train.worker" not in cmd:
+                    # The ranks only: the launcher's own processes name the worker module too.
+                    if b"polydiff.core.train.worker" not in cmd or b"launcher" in cmd:
                         continue
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                         if line.startswith("VmHWM:"):
