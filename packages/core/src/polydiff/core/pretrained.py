@@ -122,7 +122,8 @@ def _polydiff_version() -> str:
         return "unknown"
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file or folder to disk (best effort: some platforms cannot sync folders)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -139,9 +140,9 @@ def _write_pair(
     model: nn.Module, config_text: str, weights: Path, config: Path, ckpt_id: str
 ) -> None:
     safetensors.torch.save_model(model, str(weights), metadata={_ID_KEY: ckpt_id})
-    _fsync(weights)
+    fsync_path(weights)
     config.write_text(config_text, encoding="utf-8")
-    _fsync(config)
+    fsync_path(config)
 
 
 def save_pretrained(
@@ -210,8 +211,8 @@ def save_pretrained(
             tmp_w.unlink(missing_ok=True)
             tmp_c.unlink(missing_ok=True)
             raise
-    _fsync(folder)
-    _fsync(folder.parent)
+    fsync_path(folder)
+    fsync_path(folder.parent)
     return folder
 
 

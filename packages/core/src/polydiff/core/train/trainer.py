@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from polydiff.core.ema import EMA
-from polydiff.core.pretrained import CONFIG_NAME, save_pretrained
+from polydiff.core.pretrained import CONFIG_NAME, fsync_path, save_pretrained
 
 from .config import OptimConfig, TrainConfig
 from .recipe import ConfigError, Recipe, load_recipe
@@ -185,25 +185,12 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 # --- checkpoints ------------------------------------------------------------------------------
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 class Checkpoints:
@@ -273,14 +260,14 @@ class Checkpoints:
         if self.rank == 0:
             files = {}
             for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                _fsync(file)
+                fsync_path(file)
                 files[file.relative_to(tmp).as_posix()] = file.stat().st_size
             manifest = {"step": step, "world_size": self.world_size, "files": files}
             _write_atomic(tmp / MANIFEST_NAME, json.dumps(manifest, indent=1))
             if final.exists():  # re-saving a step (a resumed run that had saved it)
                 self._discard(final)
             os.rename(tmp, final)
-            _fsync(self.folder)
+            fsync_path(self.folder)
             _write_atomic(self.folder / "latest", tag)
             if self.keep:
                 for _, old in self.complete()[self.keep :]:
@@ -408,7 +395,7 @@ def write_final(model: nn.Module, folder: Path, modality: str, model_cfg: dict[s
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, folder)
-    _fsync(folder.parent)
+    fsync_path(folder.parent)
     return folder
 
 
