@@ -452,3 +452,34 @@ def test_unet_gradient_checkpointing_gives_identical_gradients() -> None:
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+# --- factorised space/time attention -----------------------------------------------------
+
+
+def test_factorised_attention_equals_full_attention_restricted_to_a_frame_or_a_place():
+    from polydiff.core.blocks import attend_along
+
+    torch.manual_seed(0)
+    grid = (3, 2, 4)  # T, H, W
+    attn = Attention(16, 2)
+    x = torch.randn(2, 24, 16)
+    rope = RotaryEmbedding(8, 3)(grid_positions(grid))
+    frame = grid_positions(grid)[:, 0]
+    place = grid_positions(grid)[:, 1] * 4 + grid_positions(grid)[:, 2]
+    for axis, group in (("space", frame), ("time", place)):
+        out = attend_along(attn, x, grid, axis, rope=rope)
+        for g in group.unique():
+            members = (group == g).nonzero().squeeze(1)
+            alone = attn(x[:, members], rope=rope[members])
+            torch.testing.assert_close(out[:, members], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_factorised_dit_block_needs_the_grid_and_starts_as_identity():
+    block = DiTBlock(16, 2, attention="factorised")
+    x, c = torch.randn(2, 24, 16), torch.randn(2, 16)
+    torch.testing.assert_close(block(x, c, grid=(3, 2, 4)), x)  # adaLN-Zero: gates are 0
+    with pytest.raises(ValueError, match="grid"):
+        block(x, c)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        DiTBlock(16, 2, attention="sparse")

@@ -86,7 +86,7 @@ class TinyRecipe:
             raise ValueError(f"expected a vector of {DIM} values, got shape {x.shape}")
         return {"x": torch.from_numpy(x.astype(np.float32))}
 
-    def bucket(self, sample: Mapping[str, Any]) -> Hashable | None:
+    def bucket(self, sample: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> Hashable | None:
         return None
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:

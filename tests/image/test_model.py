@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from polydiff.core.pretrained import from_pretrained, save_pretrained
+from polydiff.core.train.denoising import text_conditioning
 from polydiff.image.model import KLAutoencoder, LatentDiT, PixelDiT, PixelUNet
-from polydiff.image.recipe import text_conditioning
 
 DENOISERS = ["unet", "dit", "latent_dit"]
 

@@ -60,7 +60,7 @@ def test_validate_refuses_bad_values_naming_the_key(recipe, cfg, key):
 def test_decode_bucket_collate(recipe):
     cfg = recipe.validate({})
     sample = next(digits(1))
-    assert recipe.bucket(sample) is None
+    assert recipe.bucket(sample, cfg) is None
     batch = _batch(recipe, cfg, 4)
     assert batch["image"].shape == (4, 1, 16, 16) and len(batch["caption"]) == 4
 

@@ -1,22 +1,15 @@
 """Images in and out of shards: a user's folder as shard samples, and shard samples as tensors.
 
-A folder source holds PNG/JPEG files (searched recursively) and their captions, given by any
-of (first match wins):
-
-1. a sidecar text file next to the image: ``cat.png`` + ``cat.txt``;
-2. ``captions.csv`` in the folder, with a header row and the columns ``file,caption``;
-3. ``captions.jsonl`` in the folder, one ``{"file": ..., "caption": ...}`` object per line.
-
-``file`` is the image path relative to the folder. Images keep their encoded bytes in the
-shard (``png`` or ``jpg`` field). An image that cannot be decoded, or has no caption, is
-yielded as a ``polydiff.core.data.Skip`` so the shard writer counts it.
+A folder source holds PNG/JPEG files (searched recursively) and their captions (a sidecar
+``.txt``, ``captions.csv`` or ``captions.jsonl``; see :mod:`polydiff.core.data.captions`).
+Images keep their encoded bytes in the shard (``png`` or ``jpg`` field). An image that cannot
+be decoded, or has no caption, is yielded as a ``polydiff.core.data.Skip`` so the shard
+writer counts it.
 """
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_SUFFIXES", "collate", "decode", "folder_source", "read_captions"]
+__all__ = ["IMAGE_SUFFIXES", "collate", "decode", "folder_source"]
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 _PAYLOAD_FIELDS = ("png", "jpg", "jpeg")
@@ -37,43 +30,6 @@ def _skip(key: str, reason: str) -> Any:
     from polydiff.core.data import Skip
 
     return Skip(key, reason)
-
-
-def read_captions(folder: Path) -> dict[str, str]:
-    """Captions from ``captions.csv`` and ``captions.jsonl`` in ``folder``: {relative file: text}.
-
-    Raises:
-        ValueError: a captions file without the required columns/fields, naming the file and
-            the line.
-    """
-    captions: dict[str, str] = {}
-    jsonl = folder / "captions.jsonl"
-    if jsonl.is_file():
-        for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                captions[str(row["file"])] = str(row["caption"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(
-                    f'{jsonl}:{number}: expected {{"file": ..., "caption": ...}}, got {line!r}'
-                ) from e
-    table = folder / "captions.csv"
-    if table.is_file():
-        with table.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            if not {"file", "caption"} <= set(reader.fieldnames or ()):
-                raise ValueError(f"{table}: needs a header row with columns file,caption")
-            for row in reader:
-                captions[row["file"]] = row["caption"]  # csv wins over jsonl
-    return captions
-
-
-def _key(relative: Path) -> str:
-    # WebDataset splits a member name at its first dot into key and field, so the key must
-    # not contain one; slashes (sub-folders) are fine.
-    return relative.with_suffix("").as_posix().replace(".", "_")
 
 
 def folder_source(path: str | Path) -> Iterator[dict[str, Any]]:
@@ -88,17 +44,13 @@ def folder_source(path: str | Path) -> Iterator[dict[str, Any]]:
     Raises:
         FileNotFoundError: ``path`` is not a folder.
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image source folder not found: {folder}")
-    captions = read_captions(folder)
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-    for file in files:
-        relative = file.relative_to(folder)
-        key = _key(relative)
-        payload = file.read_bytes()
+    from polydiff.core.data import captioned_files
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"image source folder not found: {path}")
+    for entry in captioned_files(path, IMAGE_SUFFIXES):
+        key, relative = entry.key, entry.relative
+        payload = entry.path.read_bytes()
         try:
             with Image.open(io.BytesIO(payload)) as image:
                 image.load()  # decode every pixel: truncated files fail here, not in training
@@ -106,17 +58,13 @@ def folder_source(path: str | Path) -> Iterator[dict[str, Any]]:
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             yield _skip(key, f"unreadable image ({type(e).__name__})")
             continue
-        sidecar = file.with_suffix(".txt")
-        if sidecar.is_file():
-            caption = sidecar.read_text(encoding="utf-8").strip()
-        else:
-            caption = captions.get(relative.as_posix(), "").strip()
+        caption = entry.caption
         if not caption:
             yield _skip(key, "no caption")
             continue
         yield {
             "__key__": key,
-            IMAGE_SUFFIXES[file.suffix.lower()]: payload,
+            IMAGE_SUFFIXES[entry.path.suffix.lower()]: payload,
             "txt": caption,
             "json": {"file": relative.as_posix(), "width": width, "height": height, "mode": mode},
         }

@@ -7,20 +7,15 @@ from pathlib import Path
 
 from PIL import Image
 
+from polydiff.core.files import output_paths as core_output_paths
+
 __all__ = ["output_paths", "save_images"]
 
 
 def output_paths(out: str | Path, num: int) -> list[Path]:
-    """The files ``--out FILE --num N`` writes: ``FILE`` when N == 1, else ``FILE_0`` ..
-    ``FILE_{N-1}`` (suffix kept; ``.png`` added when ``out`` has none)."""
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be an integer >= 1, got {num!r}")
-    out = Path(out)
-    if not out.suffix:
-        out = out.with_suffix(".png")
-    if num == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(num)]
+    """The files ``--out FILE --num N`` writes (``.png`` when ``out`` has no suffix); see
+    :func:`polydiff.core.files.output_paths`."""
+    return core_output_paths(out, num, ".png")
 
 
 def save_images(images: Sequence[Image.Image], out: str | Path, num: int) -> list[Path]:

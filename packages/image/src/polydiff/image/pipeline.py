@@ -7,7 +7,6 @@ config supplies the schedule, prediction type, text encoder and sampling default
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,8 +18,13 @@ from PIL import Image
 from torch import Tensor, nn
 
 from polydiff.core import CFG, SAMPLERS, sample
-from polydiff.core.pretrained import CONFIG_NAME, CheckpointError, from_pretrained
-from polydiff.core.train import ConfigError
+from polydiff.core.pretrained import CONFIG_NAME, CheckpointError
+from polydiff.core.train.denoising import (
+    check_sampling_options,
+    make_schedule,
+    text_conditioning,
+)
+from polydiff.core.train.trained import load_trained
 
 from .model import LatentDiT
 
@@ -63,37 +67,12 @@ def load_checkpoint(
     """
     from .recipe import ImageRecipe
 
-    folder = Path(folder)
-    model = from_pretrained(folder, map_location=device)  # checks folder, JSON and weights
-    record = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    modality = record.get("modality", "image")
-    if modality != "image":
-        raise CheckpointError(f"{folder} holds a {modality!r} model, not an image model")
-    if not isinstance(record.get("model"), Mapping):
-        raise CheckpointError(
-            f"{folder / CONFIG_NAME} has no 'model' section (the model config the trainer "
-            "records); is this a `polydiff train` final/ folder?"
-        )
-    try:
-        model_cfg = ImageRecipe().validate(record["model"])
-    except ConfigError as e:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: invalid model config: {e}") from e
+    model, model_cfg = load_trained(folder, ImageRecipe(), device)
     if model_cfg["kind"] == "autoencoder":
         raise CheckpointError(
             f"{folder} is an autoencoder; generate from a denoiser (unet, dit or latent_dit)"
         )
     return model, model_cfg
-
-
-def _check_options(steps: int, sampler: str, guidance: float, num: int) -> None:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be an integer >= 1, got {num!r}")
-    if not isinstance(guidance, int | float) or not math.isfinite(guidance) or guidance < 0:
-        raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
 
 
 @torch.no_grad()
@@ -114,12 +93,10 @@ def sample_images(
     against the empty prompt. The starting noise is drawn for all prompts at once from
     ``seed``, so an image depends on its position in ``prompts`` and the seed only.
     """
-    from .recipe import make_schedule, text_conditioning
-
     steps = int(model_cfg["sample_steps"]) if steps is None else steps
     sampler = str(model_cfg["sampler"]) if sampler is None else sampler
     guidance = float(model_cfg["guidance"]) if guidance is None else guidance
-    _check_options(steps, sampler, guidance, 1)
+    check_sampling_options(steps, sampler, guidance, 1)
     param = next(p for p in model.parameters() if p.is_floating_point())
     device, dtype = param.device, param.dtype
     size, channels = int(model_cfg["image_size"]), int(model_cfg["channels"])
@@ -213,7 +190,7 @@ def generate(
         raise ValueError("no prompts given: pass at least one prompt")
     if not all(isinstance(p, str) for p in prompt_list):
         raise ValueError("prompts must be strings")
-    _check_options(
+    check_sampling_options(
         1 if steps is None else steps,
         next(iter(SAMPLERS)) if sampler is None else sampler,
         1.0 if guidance is None else guidance,

@@ -35,9 +35,6 @@ autoencoder too.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import math
 from collections.abc import Hashable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,39 +42,36 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polydiff.core import SAMPLERS, schedules
 from polydiff.core.ema import unwrap_model
 from polydiff.core.guidance import drop_conditioning
-from polydiff.core.objectives import TIME_DISTRIBUTIONS, WEIGHTINGS, diffusion_loss
-from polydiff.core.predictions import PREDICTIONS
+from polydiff.core.objectives import diffusion_loss
 from polydiff.core.train import ConfigError
+from polydiff.core.train.denoising import (
+    DENOISING_DEFAULTS,
+    check_denoising,
+    check_keys,
+    choice,
+    config_error,
+    int_list,
+    make_schedule,
+    model_params,
+    number,
+    text_conditioning,
+    text_dims,
+)
 
 from . import data, synthetic
 from .model import KLAutoencoder, LatentDiT, PixelDiT, PixelUNet
 
-__all__ = ["DEFAULTS", "KINDS", "ImageRecipe", "make_schedule", "text_conditioning"]
+__all__ = ["DEFAULTS", "KINDS", "ImageRecipe"]
 
 KINDS = ("unet", "dit", "latent_dit", "autoencoder")
-SCHEDULES = ("linear", "scaled_linear", "cosine", "flow")
 
 DEFAULTS: dict[str, Any] = {
     "kind": "unet",
     "image_size": 16,
     "channels": 1,
-    "text_encoder": None,
-    "text_max_length": 16,
-    "schedule": "cosine",
-    "zero_terminal_snr": False,
-    "shift": 1.0,
-    "prediction": "v",
-    "time_distribution": "uniform",
-    "weighting": "min_snr",
-    "snr_gamma": 5.0,
-    "cond_drop": 0.1,
-    "sampler": "unipc",
-    "sample_steps": 30,
-    "guidance": 3.0,
-    "gradient_checkpointing": False,
+    **DENOISING_DEFAULTS,
 }
 SECTION_DEFAULTS: dict[str, dict[str, Any]] = {
     "unet": {
@@ -106,90 +100,6 @@ KIND_SECTIONS = {
 _LATENT_DIT_DEFAULTS = {"patch": 1}  # latents are already small; one token per latent pixel
 
 
-def _fail(key: str, problem: str) -> ConfigError:
-    return ConfigError(f"model.{key}: {problem}")
-
-
-def _check_keys(given: Mapping[str, Any], allowed: Mapping[str, Any], prefix: str) -> None:
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        names = ", ".join(f"{prefix}{k}" for k in unknown)
-        raise ConfigError(f"unknown key(s) {names}; valid: {', '.join(sorted(allowed))}")
-
-
-def _number(cfg: dict[str, Any], key: str, kind: type, low: float, name: str = "") -> None:
-    value = cfg[key]
-    if kind is float and isinstance(value, str):
-        # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it spells.
-        with contextlib.suppress(ValueError):  # a non-number is reported below
-            value = cfg[key] = float(value)
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value < low:
-        raise _fail(name or key, f"expected {kind.__name__} >= {low}, got {value!r}")
-
-
-def _int_list(cfg: dict[str, Any], key: str, name: str, low: int) -> None:
-    value = cfg[key]
-    if not isinstance(value, list | tuple) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value
-    ):
-        raise _fail(name, f"expected a list of integers >= {low}, got {value!r}")
-    cfg[key] = list(value)
-
-
-def _choice(cfg: Mapping[str, Any], key: str, valid: tuple[str, ...]) -> None:
-    if cfg[key] not in valid:
-        raise _fail(key, f"{cfg[key]!r} is not one of {', '.join(valid)}")
-
-
-def make_schedule(model_cfg: Mapping[str, Any]) -> schedules.Schedule:
-    """The noise schedule a validated model config names."""
-    name, shift = model_cfg["schedule"], float(model_cfg["shift"])
-    if name == "flow":
-        return schedules.flow(shift=shift)
-    base = getattr(schedules, name)(zero_terminal_snr=bool(model_cfg["zero_terminal_snr"]))
-    if shift == 1.0:
-        return base
-    return schedules.DiscreteVP(base.alphas_cumprod, shift=shift)
-
-
-@functools.cache
-def _text_encoder(name: str | None, max_length: int) -> Any:
-    # On the CPU: with its prompt cache the encoder runs once per distinct caption, so a GPU
-    # would save nothing and cost memory; encodings are moved to the model's device.
-    from polydiff.core.text import load_text_encoder
-
-    return load_text_encoder(name, max_length=max_length)
-
-
-def text_conditioning(
-    prompts: list[str], model_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype
-) -> dict[str, Tensor]:
-    """Prompts -> the denoiser's text inputs ``{"context", "context_mask", "pooled"}``.
-
-    The encoder is loaded once per process and caches prompts, so the captions of a small
-    set such as the digits are encoded once.
-    """
-    encoder = _text_encoder(model_cfg["text_encoder"], int(model_cfg["text_max_length"]))
-    encoding = encoder.encode(list(prompts)).to(device=device, dtype=dtype)
-    return {"context": encoding.tokens, "context_mask": encoding.mask, "pooled": encoding.pooled}
-
-
-def text_dims(model_cfg: Mapping[str, Any]) -> tuple[int, int]:
-    """(token width D, pooled width P) of the configured text encoder."""
-    encoder = _text_encoder(model_cfg["text_encoder"], int(model_cfg["text_max_length"]))
-    return encoder.dim, encoder.pooled_dim
-
-
-def _model_params(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for param in unwrap_model(model).parameters():
-        if param.is_floating_point():
-            return param.device, param.dtype
-    return torch.device("cpu"), torch.float32
-
-
 class ImageRecipe:
     """Text-to-image recipe: pixel U-Net / DiT, latent DiT and its KL autoencoder."""
 
@@ -201,46 +111,26 @@ class ImageRecipe:
         if not isinstance(model_cfg, Mapping):
             raise ConfigError(f"model: expected a mapping, got {type(model_cfg).__name__}")
         allowed = {**DEFAULTS, **SECTION_DEFAULTS}
-        _check_keys(model_cfg, allowed, "model.")
+        check_keys(model_cfg, allowed, "model.")
         cfg: dict[str, Any] = {**DEFAULTS, **{k: v for k, v in model_cfg.items() if k in DEFAULTS}}
-        _choice(cfg, "kind", KINDS)
+        choice(cfg, "kind", KINDS)
         kind = cfg["kind"]
         for section in SECTION_DEFAULTS:
             if section in model_cfg and section not in KIND_SECTIONS[kind]:
-                raise _fail(section, f"is not used by kind {kind!r}; remove it")
+                raise config_error(section, f"is not used by kind {kind!r}; remove it")
 
-        _number(cfg, "image_size", int, 1)
+        number(cfg, "image_size", int, 1)
         if cfg["channels"] not in (1, 3):
-            raise _fail("channels", f"expected 1 (grayscale) or 3 (RGB), got {cfg['channels']!r}")
-        if cfg["text_encoder"] is not None and not isinstance(cfg["text_encoder"], str):
-            raise _fail("text_encoder", "expected null (bundled MiniLM) or a model folder path")
-        _number(cfg, "text_max_length", int, 2)
-        _choice(cfg, "schedule", SCHEDULES)
-        if not isinstance(cfg["zero_terminal_snr"], bool):
-            raise _fail(
-                "zero_terminal_snr", f"expected true/false, got {cfg['zero_terminal_snr']!r}"
+            raise config_error(
+                "channels", f"expected 1 (grayscale) or 3 (RGB), got {cfg['channels']!r}"
             )
-        if not isinstance(cfg["gradient_checkpointing"], bool):
-            raise _fail("gradient_checkpointing", "expected true/false")
-        _number(cfg, "shift", float, 1e-6)
-        _choice(cfg, "prediction", PREDICTIONS)
-        if cfg["zero_terminal_snr"] and cfg["prediction"] == "eps":
-            raise _fail("prediction", "eps cannot be used with zero_terminal_snr (use v or x0)")
-        _choice(cfg, "time_distribution", TIME_DISTRIBUTIONS)
-        _choice(cfg, "weighting", WEIGHTINGS)
-        _number(cfg, "snr_gamma", float, 1e-6)
-        _number(cfg, "cond_drop", float, 0.0)
-        if cfg["cond_drop"] > 1:
-            raise _fail("cond_drop", f"expected a probability in [0, 1], got {cfg['cond_drop']}")
-        _choice(cfg, "sampler", tuple(SAMPLERS))
-        _number(cfg, "sample_steps", int, 1)
-        _number(cfg, "guidance", float, 0.0)
+        check_denoising(cfg)
 
         for section in KIND_SECTIONS[kind]:
             given = model_cfg.get(section, {})
             if section == "autoencoder" and kind == "latent_dit":
                 if not isinstance(given, str | Path) or not str(given):
-                    raise _fail(
+                    raise config_error(
                         "autoencoder",
                         "kind latent_dit needs the path of a trained autoencoder checkpoint "
                         "(the final/ folder of a kind: autoencoder run)",
@@ -248,17 +138,17 @@ class ImageRecipe:
                 cfg["autoencoder"] = str(given)
                 continue
             if not isinstance(given, Mapping):
-                raise _fail(section, f"expected a mapping, got {type(given).__name__}")
+                raise config_error(section, f"expected a mapping, got {type(given).__name__}")
             defaults = dict(SECTION_DEFAULTS[section])
             if section == "dit" and kind == "latent_dit":
                 defaults.update(_LATENT_DIT_DEFAULTS)
-            _check_keys(given, defaults, f"model.{section}.")
+            check_keys(given, defaults, f"model.{section}.")
             cfg[section] = {**defaults, **given}
             self._check_section(section, cfg[section])
 
         factor = self._downsample_factor(cfg)
         if cfg["image_size"] % factor:
-            raise _fail("image_size", f"{cfg['image_size']} is not divisible by {factor}")
+            raise config_error("image_size", f"{cfg['image_size']} is not divisible by {factor}")
         return cfg
 
     @staticmethod
@@ -268,31 +158,31 @@ class ImageRecipe:
 
         if section == "unet":
             for key in ("base_channels", "num_res_blocks", "heads"):
-                _number(sec, key, int, 1, name(key))
-            _int_list(sec, "channel_mult", name("channel_mult"), 1)
-            _int_list(sec, "attention_levels", name("attention_levels"), 0)
+                number(sec, key, int, 1, name(key))
+            int_list(sec, "channel_mult", name("channel_mult"), 1)
+            int_list(sec, "attention_levels", name("attention_levels"), 0)
             if not sec["channel_mult"]:
-                raise _fail(name("channel_mult"), "needs at least one level")
+                raise config_error(name("channel_mult"), "needs at least one level")
             if any(level >= len(sec["channel_mult"]) for level in sec["attention_levels"]):
-                raise _fail(name("attention_levels"), "must index channel_mult")
+                raise config_error(name("attention_levels"), "must index channel_mult")
             if any(sec["base_channels"] * m % sec["heads"] for m in sec["channel_mult"]):
-                raise _fail(name("heads"), "must divide every level's width")
-            _number(sec, "dropout", float, 0.0, name("dropout"))
+                raise config_error(name("heads"), "must divide every level's width")
+            number(sec, "dropout", float, 0.0, name("dropout"))
         elif section == "dit":
             for key in ("patch", "dim", "depth", "heads"):
-                _number(sec, key, int, 1, name(key))
+                number(sec, key, int, 1, name(key))
             if sec["dim"] % sec["heads"] or (sec["dim"] // sec["heads"]) % 4:
-                raise _fail(name("heads"), "dim / heads must be a multiple of 4 (2D rotary)")
-            _number(sec, "mlp_ratio", float, 1e-6, name("mlp_ratio"))
+                raise config_error(name("heads"), "dim / heads must be a multiple of 4 (2D rotary)")
+            number(sec, "mlp_ratio", float, 1e-6, name("mlp_ratio"))
             if not isinstance(sec["qk_norm"], bool):
-                raise _fail(name("qk_norm"), "expected true/false")
+                raise config_error(name("qk_norm"), "expected true/false")
         else:
             for key in ("latent_channels", "base_channels"):
-                _number(sec, key, int, 1, name(key))
-            _int_list(sec, "channel_mult", name("channel_mult"), 1)
+                number(sec, key, int, 1, name(key))
+            int_list(sec, "channel_mult", name("channel_mult"), 1)
             if not sec["channel_mult"]:
-                raise _fail(name("channel_mult"), "needs at least one level")
-            _number(sec, "kl_weight", float, 0.0, name("kl_weight"))
+                raise config_error(name("channel_mult"), "needs at least one level")
+            number(sec, "kl_weight", float, 0.0, name("kl_weight"))
 
     @staticmethod
     def _downsample_factor(cfg: Mapping[str, Any]) -> int:
@@ -357,14 +247,14 @@ class ImageRecipe:
 
         autoencoder = from_pretrained(cfg["autoencoder"], KLAutoencoder)
         if autoencoder.config["channels"] != cfg["channels"]:
-            raise _fail(
+            raise config_error(
                 "autoencoder",
                 f"{cfg['autoencoder']} encodes {autoencoder.config['channels']}-channel images "
                 f"but model.channels is {cfg['channels']}",
             )
         latent_size, rest = divmod(cfg["image_size"], autoencoder.downsample_factor)
         if rest or latent_size % dit_args["patch"]:
-            raise _fail(
+            raise config_error(
                 "image_size",
                 f"{cfg['image_size']} must be divisible by the autoencoder's factor "
                 f"{autoencoder.downsample_factor} times dit.patch {dit_args['patch']}",
@@ -378,7 +268,7 @@ class ImageRecipe:
         """Shard sample -> ``{"image": (C, H, W) in [-1, 1], "caption": str}``."""
         return data.decode(sample, model_cfg)
 
-    def bucket(self, sample: Mapping[str, Any]) -> Hashable | None:
+    def bucket(self, sample: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> Hashable | None:
         """Every image is resized to ``image_size``: one bucket."""
         return None
 
@@ -432,7 +322,7 @@ class ImageRecipe:
         weighting. Latent DiT: on the frozen autoencoder's normalised latents.
         Autoencoder: reconstruction MSE + ``kl_weight`` * KL per image element.
         """
-        device, dtype = _model_params(model)
+        device, dtype = model_params(model)
         images = batch["image"].to(device=device, dtype=dtype)
         if model_cfg["kind"] == "autoencoder":
             return self._autoencoder_loss(model, images, generator, model_cfg)
@@ -506,7 +396,7 @@ class ImageRecipe:
 
     @staticmethod
     def _reconstruction_pairs(net: nn.Module, model_cfg: Mapping[str, Any]) -> Tensor:
-        device, dtype = _model_params(net)
+        device, dtype = model_params(net)
         firsts: dict[int, dict[str, Any]] = {}
         for sample in synthetic.digits(size=int(model_cfg["image_size"])):
             firsts.setdefault(sample["json"]["label"], sample)

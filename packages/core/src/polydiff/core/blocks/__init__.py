@@ -5,7 +5,7 @@ Embeddings, rotary positions, attention, DiT (adaLN-Zero) blocks, patchify helpe
 """
 
 from .attention import Attention
-from .dit import DiT, DiTBlock, FinalLayer, modulate
+from .dit import ATTENTION_LAYOUTS, DiT, DiTBlock, FinalLayer, attend_along, modulate
 from .embeddings import TimestepEmbedder, sincos_pos_embed, timestep_embedding
 from .patch import (
     PatchEmbed,
@@ -20,6 +20,7 @@ from .rope import RotaryEmbedding, apply_rotary, grid_positions
 from .unet import ResBlock, SpatialAttention, UNet
 
 __all__ = [
+    "ATTENTION_LAYOUTS",
     "Attention",
     "DiT",
     "DiTBlock",
@@ -31,6 +32,7 @@ __all__ = [
     "TimestepEmbedder",
     "UNet",
     "apply_rotary",
+    "attend_along",
     "grid_positions",
     "modulate",
     "patchify_1d",

@@ -2,7 +2,12 @@
 
 Tokens are unordered unless rotary positions are given, so the same model serves image
 patches, spacetime video tokens, spectrogram frames, point sets and padded motion sequences.
+For video the self-attention is either full (every spacetime token sees every other) or
+factorised: attention within each frame, then along time at each spatial place (as in Latte /
+Open-Sora's STDiT), which costs O(T (HW)^2 + HW T^2) instead of O((T HW)^2).
 """
+
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +21,60 @@ from .rope import RotaryEmbedding
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """Per-sample affine modulation: (B, L, D) tokens, (B, D) shift and scale -> (B, L, D)."""
     return x * (1 + scale[:, None]) + shift[:, None]
+
+
+AttentionLayout = Literal["full", "factorised"]
+ATTENTION_LAYOUTS: tuple[str, ...] = ("full", "factorised")
+
+
+def _grouped(x: Tensor, grid: tuple[int, int, int], axis: str) -> Tensor:
+    """(B, T*H*W, ...) in time-major token order -> (B*T, H*W, ...) for ``axis="space"``
+    (one group per frame) or (B*H*W, T, ...) for ``axis="time"`` (one group per place)."""
+    t, h, w = grid
+    rest = x.shape[2:]
+    if axis == "space":
+        return x.reshape(x.shape[0] * t, h * w, *rest)
+    return x.reshape(x.shape[0], t, h * w, *rest).transpose(1, 2).reshape(-1, t, *rest)
+
+
+def _ungrouped(x: Tensor, grid: tuple[int, int, int], axis: str, batch: int) -> Tensor:
+    """Inverse of :func:`_grouped`: back to (B, T*H*W, ...)."""
+    t, h, w = grid
+    rest = x.shape[2:]
+    if axis == "space":
+        return x.reshape(batch, t * h * w, *rest)
+    return x.reshape(batch, h * w, t, *rest).transpose(1, 2).reshape(batch, t * h * w, *rest)
+
+
+def attend_along(
+    attn: "Attention",
+    x: Tensor,
+    grid: tuple[int, int, int],
+    axis: str,
+    mask: Tensor | None = None,
+    rope: Tensor | None = None,
+) -> Tensor:
+    """Self-attention restricted to one frame (``axis="space"``) or one place (``"time"``).
+
+    Args:
+        attn: a self-attention layer. x: (B, T*H*W, dim) tokens in time-major order.
+        grid: the token grid (T, H, W). mask: (B, T*H*W) bool, True = real token.
+        rope: the rotary table of the full 3D grid, (L, ...) or (B, L, ...). Inside a group
+            the other axes' coordinates are equal, so their rotations cancel in q.k and the
+            3D table acts as a 2D (space) or 1D (time) one.
+
+    Returns:
+        (B, T*H*W, dim) tokens.
+    """
+    batch = x.shape[0]
+    if rope is not None and rope.ndim == 3:
+        rope = rope.expand(batch, *rope.shape)
+    out = attn(
+        _grouped(x, grid, axis),
+        key_mask=None if mask is None else _grouped(mask, grid, axis),
+        rope=None if rope is None else _grouped(rope, grid, axis),
+    )
+    return _ungrouped(out, grid, axis, batch)
 
 
 def _zero_(layer: nn.Linear) -> nn.Linear:
@@ -35,6 +94,9 @@ class DiTBlock(nn.Module):
         dim: token width. heads: attention heads. mlp_ratio: MLP hidden width / dim.
         context_dim: width of text tokens to cross-attend to (None = no cross-attention).
         qk_norm: q/k normalisation, see :class:`Attention`.
+        attention: "full" self-attention over all tokens, or "factorised": spatial attention
+            within each frame then a temporal attention branch (its own adaLN-Zero shift,
+            scale and gate) along time; factorised blocks need the token ``grid``.
     """
 
     def __init__(
@@ -44,8 +106,12 @@ class DiTBlock(nn.Module):
         mlp_ratio: float = 4.0,
         context_dim: int | None = None,
         qk_norm: QKNorm = False,
+        attention: AttentionLayout = "full",
     ) -> None:
         super().__init__()
+        if attention not in ATTENTION_LAYOUTS:
+            raise ValueError(f"attention must be one of {ATTENTION_LAYOUTS}, got {attention!r}")
+        self.attention = attention
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads, qk_norm=qk_norm)
         self.cross_attn = None
@@ -58,7 +124,12 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
         )
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), _zero_(nn.Linear(dim, 6 * dim)))
+        self.temporal_attn = None
+        if attention == "factorised":
+            self.norm_temporal = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.temporal_attn = Attention(dim, heads, qk_norm=qk_norm)
+        branches = 9 if attention == "factorised" else 6  # (shift, scale, gate) per branch
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), _zero_(nn.Linear(dim, branches * dim)))
 
     def forward(
         self,
@@ -68,6 +139,7 @@ class DiTBlock(nn.Module):
         context_mask: Tensor | None = None,
         rope: Tensor | None = None,
         mask: Tensor | None = None,
+        grid: tuple[int, int, int] | None = None,
     ) -> Tensor:
         """Update tokens.
 
@@ -77,13 +149,26 @@ class DiTBlock(nn.Module):
             context_mask: (B, Lc) bool, True = real text token.
             rope: rotary table from :class:`RotaryEmbedding` for the self-attention.
             mask: (B, L) bool, True = real token; padded tokens are never attended to.
+            grid: (T, H, W) token grid with T*H*W = L, time-major; factorised blocks only.
 
         Returns:
             (B, L, dim) tokens.
         """
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, -1)
+        mods = self.adaLN_modulation(c).chunk(9 if self.temporal_attn is not None else 6, -1)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods[:6]
         h = modulate(self.norm1(x), shift_a, scale_a)
-        x = x + gate_a[:, None] * self.attn(h, key_mask=mask, rope=rope)
+        if self.temporal_attn is None:
+            x = x + gate_a[:, None] * self.attn(h, key_mask=mask, rope=rope)
+        else:
+            if grid is None or grid[0] * grid[1] * grid[2] != x.shape[1]:
+                raise ValueError(
+                    f"factorised attention needs grid=(T, H, W) with T*H*W = {x.shape[1]} "
+                    f"tokens, got {grid}"
+                )
+            x = x + gate_a[:, None] * attend_along(self.attn, h, grid, "space", mask, rope)
+            shift_t, scale_t, gate_t = mods[6:]
+            h = modulate(self.norm_temporal(x), shift_t, scale_t)
+            x = x + gate_t[:, None] * attend_along(self.temporal_attn, h, grid, "time", mask, rope)
         if context is not None:
             if self.cross_attn is None:
                 raise ValueError("DiTBlock got a context but was built without context_dim")
@@ -122,6 +207,8 @@ class DiT(nn.Module):
         cond_dim: width of an optional pooled conditioning vector added to the time embedding.
         gradient_checkpointing: recompute block activations in backward (training mode only).
         rope_theta: rotary frequency base.
+        attention: "full" or "factorised" (space then time; needs ``grid`` in forward), see
+            :class:`DiTBlock`.
     """
 
     def __init__(
@@ -138,6 +225,7 @@ class DiT(nn.Module):
         cond_dim: int | None = None,
         gradient_checkpointing: bool = False,
         rope_theta: float = 10000.0,
+        attention: AttentionLayout = "full",
     ) -> None:
         super().__init__()
         if rope_axes not in (0, 1, 2, 3):
@@ -148,7 +236,7 @@ class DiT(nn.Module):
         self.cond_proj = nn.Linear(cond_dim, dim) if cond_dim is not None else None
         self.rope = RotaryEmbedding(dim // heads, rope_axes, rope_theta) if rope_axes else None
         self.blocks = nn.ModuleList(
-            DiTBlock(dim, heads, mlp_ratio, context_dim, qk_norm) for _ in range(depth)
+            DiTBlock(dim, heads, mlp_ratio, context_dim, qk_norm, attention) for _ in range(depth)
         )
         self.final_layer = FinalLayer(dim, out_dim)
         self._init_weights()
@@ -177,6 +265,7 @@ class DiT(nn.Module):
         positions: Tensor | None = None,
         mask: Tensor | None = None,
         pooled: Tensor | None = None,
+        grid: tuple[int, int, int] | None = None,
     ) -> Tensor:
         """Predict per-token outputs.
 
@@ -188,6 +277,7 @@ class DiT(nn.Module):
             mask: (B, L) bool, True = real token; padded tokens do not influence real ones and
                 their outputs are zero.
             pooled: (B, cond_dim) pooled conditioning (e.g. a sentence embedding).
+            grid: (T, H, W) token grid (time-major, T*H*W = L); needed by factorised attention.
 
         Returns:
             (B, L, out_dim) tensor.
@@ -211,7 +301,9 @@ class DiT(nn.Module):
         x = self.input_proj(tokens)
         use_ckpt = self.gradient_checkpointing and self.training
         for block in self.blocks:
-            x = maybe_checkpoint(block, x, c, context, context_mask, rope, mask, enabled=use_ckpt)
+            x = maybe_checkpoint(
+                block, x, c, context, context_mask, rope, mask, grid, enabled=use_ckpt
+            )
         out = self.final_layer(x, c)
         if mask is not None:
             out = out * mask[..., None].to(out.dtype)

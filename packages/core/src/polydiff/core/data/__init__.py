@@ -1,5 +1,7 @@
 """WebDataset shards: writing them, naming them, and streaming batches from them.
 
+- :func:`captioned_files` walks a user's folder of captioned files (sidecar .txt, captions.csv
+  or captions.jsonl).
 - :func:`write_shards` writes samples (or :class:`Skip` records) with ``webdataset.ShardWriter``
   plus an ``index.json`` of per-shard counts, and returns a :class:`ShardSummary`.
 - :func:`expand_urls` turns a folder, brace pattern, list or URLs into shard URLs.
@@ -8,6 +10,7 @@
   from its ``state_dict()``.
 """
 
+from .captions import CaptionedFile, captioned_files, read_captions, sample_key
 from .shards import (
     INDEX_NAME,
     ShardSummary,
@@ -22,13 +25,17 @@ from .stream import MIN_SAMPLES_FOR_BAD_FRACTION, DataError, ShardStream, Stream
 __all__ = [
     "INDEX_NAME",
     "MIN_SAMPLES_FOR_BAD_FRACTION",
+    "CaptionedFile",
     "DataError",
     "ShardStream",
     "ShardSummary",
     "Skip",
     "StreamStats",
+    "captioned_files",
     "expand_urls",
     "iter_shard",
+    "read_captions",
+    "sample_key",
     "shard_counts",
     "write_shards",
 ]

@@ -47,8 +47,10 @@ class Recipe(Protocol):
         """Encoded sample -> tensors (runs in loader workers). Raise on a corrupt sample."""
         ...
 
-    def bucket(self, sample: Mapping[str, Any]) -> Hashable | None:
-        """Bucket key for variable-size samples (e.g. (frames, h, w)); None for fixed size."""
+    def bucket(self, sample: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> Hashable | None:
+        """Bucket key of a raw (still encoded) sample, e.g. (frames, h, w) from its metadata;
+        None for fixed-size samples. Raise for a sample that fits no bucket (it is counted as
+        bad and skipped)."""
         ...
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from polydiff.core.ema import EMA
 from polydiff.core.pretrained import CONFIG_NAME, fsync_path, save_pretrained
 
 from .config import OptimConfig, TrainConfig
-from .recipe import ConfigError, Recipe, load_recipe
+from .recipe import ConfigError, load_recipe
 
 __all__ = [
     "MANIFEST_NAME",
@@ -135,14 +135,15 @@ def _forked_rng(seed: int) -> Iterator[None]:
 # --- batches ----------------------------------------------------------------------------------
 
 
-class _Decode:
-    """``recipe.decode`` with the model config bound (picklable for DataLoader workers)."""
+class _WithModelConfig:
+    """``recipe.decode`` or ``recipe.bucket`` with the model config bound (picklable for
+    DataLoader workers)."""
 
-    def __init__(self, recipe: Recipe, model_cfg: Mapping[str, Any]) -> None:
-        self.recipe, self.model_cfg = recipe, dict(model_cfg)
+    def __init__(self, method: Any, model_cfg: Mapping[str, Any]) -> None:
+        self.method, self.model_cfg = method, dict(model_cfg)
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        return self.recipe.decode(sample, self.model_cfg)
+    def __call__(self, sample: dict[str, Any]) -> Any:
+        return self.method(sample, self.model_cfg)
 
 
 def _batches(stream: Iterable[Any]) -> Iterator[Any]:
@@ -446,9 +447,9 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False) -> Path:
     noise = torch.Generator(engine.device).manual_seed(_seed(t.seed, rank, 1))
     stream = ShardStream(
         expand_urls(cfg.data.shards, allow_pipe=cfg.data.allow_pipe),
-        decode=_Decode(recipe, cfg.model),
+        decode=_WithModelConfig(recipe.decode, cfg.model),
         collate=recipe.collate,
-        bucket=recipe.bucket,
+        bucket=_WithModelConfig(recipe.bucket, cfg.model),
         batch_size=t.batch_size,
         rank=rank,
         world_size=world,
