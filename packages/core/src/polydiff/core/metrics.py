@@ -61,9 +61,7 @@ def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
-def frechet_distance_from_statistics(
-    mu_a: Any, sigma_a: Any, mu_b: Any, sigma_b: Any
-) -> float:
+def frechet_distance_from_statistics(mu_a: Any, sigma_a: Any, mu_b: Any, sigma_b: Any) -> float:
     """Fréchet distance between the Gaussians N(mu_a, sigma_a) and N(mu_b, sigma_b).
 
     Args:
@@ -75,11 +73,19 @@ def frechet_distance_from_statistics(
     Raises:
         ValueError: shapes that do not agree.
     """
-    mu_a, mu_b = np.atleast_1d(np.asarray(mu_a, np.float64)), np.atleast_1d(np.asarray(mu_b, np.float64))
+    mu_a, mu_b = (
+        np.atleast_1d(np.asarray(mu_a, np.float64)),
+        np.atleast_1d(np.asarray(mu_b, np.float64)),
+    )
     sigma_a = np.atleast_2d(np.asarray(sigma_a, np.float64))
     sigma_b = np.atleast_2d(np.asarray(sigma_b, np.float64))
     d = mu_a.shape[0]
-    if mu_a.shape != (d,) or mu_b.shape != (d,) or sigma_a.shape != (d, d) or sigma_b.shape != (d, d):
+    if (
+        mu_a.shape != (d,)
+        or mu_b.shape != (d,)
+        or sigma_a.shape != (d, d)
+        or sigma_b.shape != (d, d)
+    ):
         raise ValueError(
             f"statistics do not agree: mu_a {mu_a.shape}, sigma_a {sigma_a.shape}, "
             f"mu_b {mu_b.shape}, sigma_b {sigma_b.shape}"
