@@ -47,6 +47,8 @@ from torch import nn
 from polydiff.core.ema import unwrap_model
 
 __all__ = [
+    "class_path",
+    "import_class",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "CheckpointError",
@@ -111,7 +113,8 @@ class Configurable:
         cls.__init__ = recording_init  # type: ignore[method-assign]
 
 
-def _class_path(cls: type) -> str:
+def class_path(cls: type) -> str:
+    """``"module:QualName"``: how checkpoints record a model class."""
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
@@ -175,7 +178,7 @@ def save_pretrained(
             )
     ckpt_id = uuid.uuid4().hex
     record = {
-        "class": _class_path(type(model)),
+        "class": class_path(type(model)),
         "config": config,
         "polydiff_version": _polydiff_version(),
         "checkpoint_id": ckpt_id,
@@ -240,7 +243,9 @@ def _read_record(folder: Path) -> dict[str, Any]:
     return record
 
 
-def _import_class(path: str, where: Path) -> type[nn.Module]:
+def import_class(path: str, where: Path | str = "a checkpoint") -> type[nn.Module]:
+    """The ``nn.Module`` class recorded as ``"module:QualName"`` (only ``polydiff.*`` modules
+    are imported); CheckpointError otherwise."""
     module_name, sep, qualname = path.partition(":")
     if not sep or not module_name or not qualname:
         raise CheckpointError(f"invalid class path {path!r} in {where}; expected 'module:Class'")
@@ -327,10 +332,10 @@ def from_pretrained(
     config_path = folder / CONFIG_NAME
     recorded = record["class"]
     if cls is None:
-        cls = _import_class(recorded, config_path)  # type: ignore[assignment]
-    elif _class_path(cls) != recorded:
+        cls = import_class(recorded, config_path)  # type: ignore[assignment]
+    elif class_path(cls) != recorded:
         raise CheckpointError(
-            f"class mismatch: {config_path} records {recorded!r} but cls is {_class_path(cls)!r}"
+            f"class mismatch: {config_path} records {recorded!r} but cls is {class_path(cls)!r}"
         )
     assert cls is not None
     weights = folder / WEIGHTS_NAME

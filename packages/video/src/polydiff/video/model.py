@@ -15,18 +15,29 @@ image-to-video. The call signature is what ``diffusion_loss`` and ``sample`` pas
 
     model(x, t, context=None, context_mask=None, pooled=None, first_frame=None,
           first_frame_given=None) -> Tensor shaped like x
+
+Latent video diffusion: give the DiT a frozen autoencoder (``autoencoder_class`` +
+``autoencoder`` config; its weights travel in the same checkpoint) and it diffuses the
+autoencoder's latents. Two kinds plug in:
+
+- a per-frame (2D) image autoencoder: ``encode(images) -> mean`` or ``(mean, logvar)`` and
+  ``decode(latents)``, optionally a ``latent_std`` buffer (latents are divided by it), such as
+  ``polydiff.image.model.KLAutoencoder``; frames are encoded one by one;
+- a 3D (spacetime) autoencoder: ``encode_video(video) -> latents`` and
+  ``decode_video(latents)`` on (B, C, T, H, W), which may also compress time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from polydiff.core.blocks import DiT, grid_positions, spacetime_patchify, spacetime_unpatchify
 from polydiff.core.blocks.dit import AttentionLayout
-from polydiff.core.pretrained import Configurable
+from polydiff.core.pretrained import Configurable, import_class
 
 __all__ = ["VideoDiT", "first_frame_condition"]
 
@@ -75,6 +86,9 @@ class VideoDiT(Configurable, nn.Module):
         first_frame: accept a first frame to condition on (image-to-video).
         gradient_checkpointing: recompute block activations in backward.
         rope_theta: rotary frequency base.
+        autoencoder_class, autoencoder: ``"module:Class"`` and constructor config of a frozen
+            latent autoencoder (see the module docstring); ``channels`` is then its latent
+            channels. None = pixel space.
     """
 
     def __init__(
@@ -92,8 +106,14 @@ class VideoDiT(Configurable, nn.Module):
         first_frame: bool = True,
         gradient_checkpointing: bool = False,
         rope_theta: float = 10000.0,
+        autoencoder_class: str | None = None,
+        autoencoder: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.autoencoder: nn.Module | None = None
+        if autoencoder_class is not None:
+            codec = import_class(autoencoder_class, "VideoDiT(autoencoder_class=...)")
+            self.autoencoder = codec(**(autoencoder or {})).requires_grad_(False)
         if len(patch) != 3 or any(int(p) < 1 for p in patch):
             raise ValueError(f"patch must be three sizes (pt, ph, pw) >= 1, got {patch}")
         self.channels = channels
@@ -116,6 +136,47 @@ class VideoDiT(Configurable, nn.Module):
             rope_theta=rope_theta,
             attention=attention,
         )
+
+    # --- latent space ----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_video(self, video: Tensor) -> Tensor:
+        """(B, C, T, H, W) pixels in [-1, 1] -> what the DiT diffuses (identity without an
+        autoencoder; the posterior mean / ``latent_std`` for a per-frame one)."""
+        ae = self.autoencoder
+        if ae is None:
+            return video
+        if hasattr(ae, "encode_video"):
+            return ae.encode_video(video)
+        b, t = video.shape[0], video.shape[2]
+        frames = video.transpose(1, 2).flatten(0, 1)  # (B*T, C, H, W)
+        latents = ae.encode(frames)
+        latents = latents[0] if isinstance(latents, tuple) else latents
+        if hasattr(ae, "latent_std"):
+            latents = latents / ae.latent_std.to(latents.dtype)
+        return latents.unflatten(0, (b, t)).transpose(1, 2)
+
+    @torch.no_grad()
+    def decode_video(self, latents: Tensor) -> Tensor:
+        """Inverse of :meth:`encode_video`: model-space videos -> (B, C, T, H, W) pixels."""
+        ae = self.autoencoder
+        if ae is None:
+            return latents
+        if hasattr(ae, "decode_video"):
+            return ae.decode_video(latents)
+        b, t = latents.shape[0], latents.shape[2]
+        frames = latents.transpose(1, 2).flatten(0, 1)
+        if hasattr(ae, "latent_std"):
+            frames = frames * ae.latent_std.to(frames.dtype)
+        return ae.decode(frames).unflatten(0, (b, t)).transpose(1, 2)
+
+    def model_shape(self, pixel_channels: int, frames: int, height: int, width: int) -> tuple:
+        """(C, T, H, W) of what the DiT diffuses for clips of that pixel size."""
+        if self.autoencoder is None:
+            return (self.channels, frames, height, width)
+        param = next(self.parameters())
+        probe = torch.zeros((1, pixel_channels, frames, height, width), dtype=param.dtype,
+                            device=param.device)  # fmt: skip
+        return tuple(self.encode_video(probe).shape[1:])
 
     def forward(
         self,

@@ -107,55 +107,85 @@ def sample_videos(
     first_frames: Tensor | None = None,
     known: tuple[Tensor, Tensor] | None = None,
     generator: torch.Generator | None = None,
+    decode: bool = True,
 ) -> Tensor:
     """Sample one clip per prompt: (N, C, T, H, W) float32 in [-1, 1] on the CPU.
 
     Args:
-        frames, height, width: clip size (default: the trained clip); each must be divisible
-            by the model's patch.
+        frames, height, width: clip size in pixels (default: the trained clip); the model's
+            clip (latent, for a latent model) must be divisible by its patch.
         steps, sampler, guidance: default to the model config's sampling defaults. Guidance
             applies to the text only: both branches see the first frame.
-        first_frames: (N, C, H, W) frames to start from (image-to-video): the model is
+        first_frames: (N, C, H, W) pixel frames to start from (image-to-video): the model is
             conditioned on them and the sampler keeps them as frame 0 exactly.
-        known: (init, mask) for extending a clip: frames of ``init`` (N, C, T, H, W) where
-            ``mask`` (N, 1, T, 1, 1) is 0 are kept, the rest generated.
+        known: (init, mask) in the model's space for extending a clip: frames of ``init``
+            (N, c, t, h, w) where ``mask`` (N, 1, t, 1, 1) is 0 are kept, the rest generated.
         generator: the noise source (default: seeded by ``seed``).
+        decode: False returns what the model diffuses (latents for a latent model).
     """
     trained = _trained_shape(model_cfg)
     frames, height, width = (v if v is not None else d for v, d in zip(
         (frames, height, width), trained, strict=True
     ))  # fmt: skip
-    steps = int(model_cfg["sample_steps"]) if steps is None else steps
-    sampler = str(model_cfg["sampler"]) if sampler is None else sampler
-    guidance = float(model_cfg["guidance"]) if guidance is None else guidance
+    shape = model.model_shape(int(model_cfg["channels"]), frames, height, width)
+    first = None
+    if first_frames is not None:
+        param = next(p for p in model.parameters() if p.is_floating_point())
+        pixels = first_frames.to(device=param.device, dtype=param.dtype)[:, :, None]
+        first = model.encode_video(pixels)[:, :, 0].float().cpu()
+    generator = generator or torch.Generator().manual_seed(int(seed))
+    options = {"steps": steps, "sampler": sampler, "guidance": guidance}
+    x = _sample(model, model_cfg, list(prompts), shape, first, known, generator, options)
+    return _decoded(model, x) if decode else x
+
+
+def _decoded(model: nn.Module, x: Tensor) -> Tensor:
+    param = next(p for p in model.parameters() if p.is_floating_point())
+    pixels = model.decode_video(x.to(device=param.device, dtype=param.dtype))
+    return pixels.float().clamp(-1.0, 1.0).cpu()
+
+
+def _sample(
+    model: nn.Module,
+    model_cfg: dict[str, Any],
+    prompts: list[str],
+    shape: Sequence[int],
+    first: Tensor | None,
+    known: tuple[Tensor, Tensor] | None,
+    generator: torch.Generator,
+    options: dict[str, Any],
+) -> Tensor:
+    """Sample (N, *shape) in the model's space; ``first`` (N, c, h, w) model-space frames."""
+    steps = int(model_cfg["sample_steps"]) if options["steps"] is None else options["steps"]
+    sampler = str(model_cfg["sampler"]) if options["sampler"] is None else options["sampler"]
+    guidance = float(model_cfg["guidance"]) if options["guidance"] is None else options["guidance"]
     check_sampling_options(steps, sampler, guidance, 1)
     param = next(p for p in model.parameters() if p.is_floating_point())
     device, dtype = param.device, param.dtype
-    channels = int(model_cfg["channels"])
-    shape = (len(prompts), channels, frames, height, width)
-    generator = generator or torch.Generator().manual_seed(int(seed))
-    noise = torch.randn(shape, generator=generator)
+    full = (len(prompts), *shape)
+    noise = torch.randn(full, generator=generator)
     init = mask = None
     if known is not None:
         init, mask = known
-    if first_frames is not None:
+    if first is not None:
         if init is None:
-            init = torch.zeros(shape)
-            mask = torch.ones((len(prompts), 1, frames, 1, 1))
+            init = torch.zeros(full)
+            mask = torch.ones((len(prompts), 1, shape[1], 1, 1))
         init = init.clone()
-        init[:, :, 0] = first_frames
+        init[:, :, 0] = first
         mask = mask.clone()
         mask[:, :, 0] = 0.0
     schedule = make_schedule(model_cfg)
     uncond_text = text_conditioning([""], model_cfg, device, dtype) if guidance != 1.0 else None
+    latent = getattr(model, "autoencoder", None) is not None
     outputs = []
     for start in range(0, len(prompts), _CHUNK):
         part = slice(start, start + _CHUNK)
-        chunk = list(prompts[part])
+        chunk = prompts[part]
         cond: dict[str, Any] = text_conditioning(chunk, model_cfg, device, dtype)
         uncond = None if uncond_text is None else dict(uncond_text)
-        if first_frames is not None:
-            frame = first_frames[part].to(device=device, dtype=dtype)
+        if first is not None:
+            frame = first[part].to(device=device, dtype=dtype)
             cond["first_frame"] = frame
             if uncond is not None:
                 uncond = {k: v.expand(len(chunk), *v.shape[1:]) for k, v in uncond.items()}
@@ -172,10 +202,10 @@ def sample_videos(
             uncond=uncond,
             init=None if init is None else init[part].to(device=device, dtype=dtype),
             mask=None if mask is None else mask[part].to(device=device, dtype=dtype),
-            clip_x0=1.0,  # pixels live in [-1, 1]
+            clip_x0=None if latent else 1.0,  # pixels live in [-1, 1]; latents do not
             generator=generator,
         )
-        outputs.append(x.float().clamp(-1.0, 1.0).cpu())
+        outputs.append(x.float().cpu())
     return torch.cat(outputs)
 
 
@@ -188,28 +218,25 @@ def _extend(
     first_frames: Tensor | None,
     options: dict[str, Any],
 ) -> Tensor:
-    """Chunked generation of ``frames`` frames (see the module docstring)."""
-    chunk, height, width = _trained_shape(model_cfg)
+    """Chunked generation of ``frames`` frames (see the module docstring), in the model's
+    space (``frames`` and ``overlap`` count its frames), decoded at the end."""
     generator = torch.Generator().manual_seed(int(options.pop("seed")))
     video = sample_videos(
-        model, model_cfg, prompts, first_frames=first_frames, generator=generator, **options
-    )
+        model, model_cfg, prompts, first_frames=first_frames, generator=generator, decode=False,
+        **options,
+    )  # fmt: skip
+    shape = video.shape[1:]
     while video.shape[2] < frames:
-        init = torch.zeros((len(prompts), video.shape[1], chunk, height, width))
+        init = torch.zeros((len(prompts), *shape))
         init[:, :, :overlap] = video[:, :, -overlap:]
-        mask = torch.ones((len(prompts), 1, chunk, 1, 1))
+        mask = torch.ones((len(prompts), 1, shape[1], 1, 1))
         mask[:, :, :overlap] = 0.0
-        nxt = sample_videos(
-            model,
-            model_cfg,
-            prompts,
-            first_frames=video[:, :, -overlap],
-            known=(init, mask),
-            generator=generator,
-            **options,
-        )
+        nxt = _sample(
+            model, model_cfg, prompts, shape, video[:, :, -overlap], (init, mask), generator,
+            options,
+        )  # fmt: skip
         video = torch.cat([video, nxt[:, :, overlap:]], dim=2)
-    return video[:, :, :frames]
+    return _decoded(model, video[:, :, :frames])
 
 
 def generate(
@@ -289,6 +316,11 @@ def generate(
             model, model_cfg, repeated, frames=length, first_frames=first, **options
         )[:, :, :frames]
     else:
+        if model.model_shape(int(model_cfg["channels"]), chunk, height, width)[1] != chunk:
+            raise ValueError(
+                f"this model's autoencoder compresses time, so it cannot extend clips past "
+                f"the trained {chunk} frames; ask for at most {chunk}"
+            )
         video = _extend(model, model_cfg, repeated, frames, overlap, first, options)
     return list(video), float(model_cfg["fps"]) if fps is None else float(fps)
 

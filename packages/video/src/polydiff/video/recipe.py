@@ -12,10 +12,16 @@ sampling defaults: see :mod:`polydiff.core.train.denoising`)::
     buckets: null           # or [[frames, height, width], ...]: variable duration / size
     decoder: auto           # auto (decord, PyAV fallback) | decord | pyav
     first_frame_prob: 0.25  # image-to-video training: share of clips given their first frame
+    autoencoder: null       # or the final/ folder of a trained autoencoder: latent diffusion
     dit: {patch: [2, 4, 4], dim: 192, depth: 6, heads: 6, mlp_ratio: 4.0, qk_norm: true,
           attention: full, rope_theta: 10000.0}    # attention: full | factorised
 
 Clips given their first frame learn image-to-video; that frame is left out of their loss.
+
+Latent video diffusion: ``autoencoder`` names a trained autoencoder checkpoint (for example
+the ``final/`` folder of an image ``kind: autoencoder`` run, applied frame by frame, or a 3D
+video autoencoder with ``encode_video``/``decode_video``; see ``polydiff.video.model``). It is
+frozen, the DiT diffuses its latents, and the video checkpoint carries it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from polydiff.core.blocks.dit import ATTENTION_LAYOUTS
 from polydiff.core.ema import unwrap_model
 from polydiff.core.guidance import drop_conditioning
 from polydiff.core.objectives import diffusion_loss
+from polydiff.core.pretrained import class_path, from_pretrained
 from polydiff.core.train import ConfigError
 from polydiff.core.train.denoising import (
     DENOISING_DEFAULTS,
@@ -61,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "buckets": None,
     "decoder": "auto",
     "first_frame_prob": 0.25,
+    "autoencoder": None,
     **DENOISING_DEFAULTS,
 }
 DIT_DEFAULTS: dict[str, Any] = {
@@ -103,6 +111,10 @@ class VideoRecipe:
         if cfg["first_frame_prob"] > 1:
             raise config_error("first_frame_prob", "expected a probability in [0, 1]")
         check_denoising(cfg)
+        if cfg["autoencoder"] is not None and (
+            not isinstance(cfg["autoencoder"], str) or not cfg["autoencoder"]
+        ):
+            raise config_error("autoencoder", "expected null (pixels) or a checkpoint folder")
 
         given = model_cfg.get("dit", {})
         if not isinstance(given, Mapping):
@@ -143,11 +155,20 @@ class VideoRecipe:
 
     # --- model ---------------------------------------------------------------------------
     def build_model(self, model_cfg: Mapping[str, Any]) -> nn.Module:
-        """A fresh :class:`VideoDiT` of the configured size."""
+        """A fresh :class:`VideoDiT` of the configured size (with the frozen autoencoder
+        loaded, for latent diffusion)."""
         dit = model_cfg["dit"]
         context_dim, pooled_dim = text_dims(model_cfg)
-        return VideoDiT(
-            channels=int(model_cfg["channels"]),
+        channels, codec = int(model_cfg["channels"]), {}
+        autoencoder = None
+        if model_cfg["autoencoder"] is not None:
+            autoencoder = from_pretrained(model_cfg["autoencoder"])
+            codec = {
+                "autoencoder_class": class_path(type(autoencoder)),
+                "autoencoder": dict(autoencoder.config),
+            }
+        model = VideoDiT(
+            channels=channels,
             patch=list(dit["patch"]),
             dim=dit["dim"],
             depth=dit["depth"],
@@ -160,7 +181,26 @@ class VideoRecipe:
             first_frame=True,
             gradient_checkpointing=bool(model_cfg["gradient_checkpointing"]),
             rope_theta=float(dit["rope_theta"]),
+            **codec,
         )
+        if autoencoder is None:
+            return model
+        model.autoencoder.load_state_dict(autoencoder.state_dict())
+        # The DiT's channels are the latent channels: probe the codec once, then rebuild.
+        for bucket in data.model_buckets(model_cfg):
+            shape = model.model_shape(channels, *bucket)
+            bad = [s for s, p in zip(shape[1:], dit["patch"], strict=True) if s % p]
+            if bad:
+                raise config_error(
+                    "autoencoder",
+                    f"its latents of {list(bucket)} clips are {list(shape[1:])}, not divisible "
+                    f"by dit.patch {dit['patch']}",
+                )
+        if shape[0] != channels:
+            rebuilt = self.build_model({**model_cfg, "autoencoder": None, "channels": shape[0]})
+            model = VideoDiT(**{**rebuilt.config, **codec})
+            model.autoencoder.load_state_dict(autoencoder.state_dict())
+        return model
 
     # --- data ----------------------------------------------------------------------------
     def decode(self, sample: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,7 +241,7 @@ class VideoRecipe:
         ``first_frame_prob`` of the clips also gets its clean first frame, which is then
         masked out of the loss."""
         device, dtype = model_params(model)
-        video = batch["video"].to(device=device, dtype=dtype)
+        video = unwrap_model(model).encode_video(batch["video"].to(device=device, dtype=dtype))
         cond = text_conditioning(list(batch["caption"]), model_cfg, device, dtype)
         null = text_conditioning([""], model_cfg, device, dtype)
         cond, _ = drop_conditioning(cond, null, float(model_cfg["cond_drop"]), generator)
