@@ -533,10 +533,12 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False) -> Path:
             window.reset()
         busy = time.perf_counter()
         is_last = step == t.max_steps
-        if main and ((t.preview_every and step % t.preview_every == 0) or is_last):
-            preview(step)
+        # Checkpoint first: a preview that fails (a bad prompt, a bug in a recipe's sampler)
+        # must not cost the steps since the last checkpoint.
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or is_last:
             checkpoints.save(engine, step, client_state())
+        if main and ((t.preview_every and step % t.preview_every == 0) or is_last):
+            preview(step)
         window.housekeeping += time.perf_counter() - busy
     bar.close()
 
