@@ -47,13 +47,13 @@ from torch import nn
 from polydiff.core.ema import unwrap_model
 
 __all__ = [
-    "class_path",
-    "import_class",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "CheckpointError",
     "Configurable",
+    "class_path",
     "from_pretrained",
+    "import_class",
     "save_pretrained",
 ]
 

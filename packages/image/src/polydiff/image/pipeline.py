@@ -18,13 +18,13 @@ from PIL import Image
 from torch import Tensor, nn
 
 from polydiff.core import CFG, SAMPLERS, sample
-from polydiff.core.pretrained import CONFIG_NAME, CheckpointError
+from polydiff.core.pretrained import CheckpointError
 from polydiff.core.train.denoising import (
     check_sampling_options,
     make_schedule,
     text_conditioning,
 )
-from polydiff.core.train.trained import load_trained
+from polydiff.core.train.trained import bundled, load_trained
 
 from .model import LatentDiT
 
@@ -48,12 +48,7 @@ def bundled_checkpoint() -> Path:
         FileNotFoundError: the package was installed without it (it is trained with
             ``polydiff train --config shared/configs/image/digits.yaml``).
     """
-    if not (_BUNDLED / CONFIG_NAME).is_file():
-        raise FileNotFoundError(
-            f"the bundled image checkpoint is missing ({_BUNDLED}); pass --checkpoint DIR or "
-            "train it with `polydiff train --config shared/configs/image/digits.yaml`"
-        )
-    return _BUNDLED
+    return bundled(_BUNDLED, "image", "shared/configs/image/digits.yaml")
 
 
 def load_checkpoint(

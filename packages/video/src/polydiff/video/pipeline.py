@@ -19,13 +19,12 @@ from PIL import Image
 from torch import Tensor, nn
 
 from polydiff.core import CFG, sample
-from polydiff.core.pretrained import CONFIG_NAME
 from polydiff.core.train.denoising import (
     check_sampling_options,
     make_schedule,
     text_conditioning,
 )
-from polydiff.core.train.trained import load_trained
+from polydiff.core.train.trained import bundled, load_trained
 
 from .data import model_buckets, resize_crop
 
@@ -49,12 +48,7 @@ def bundled_checkpoint() -> Path:
         FileNotFoundError: the package was installed without it (it is trained with
             ``polydiff train --config shared/configs/video/moving-shapes.yaml``).
     """
-    if not (_BUNDLED / CONFIG_NAME).is_file():
-        raise FileNotFoundError(
-            f"the bundled video checkpoint is missing ({_BUNDLED}); pass --checkpoint DIR or "
-            "train it with `polydiff train --config shared/configs/video/moving-shapes.yaml`"
-        )
-    return _BUNDLED
+    return bundled(_BUNDLED, "video", "shared/configs/video/moving-shapes.yaml")
 
 
 def load_checkpoint(

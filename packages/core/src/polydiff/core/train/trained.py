@@ -18,7 +18,7 @@ from torch import nn
 from ..pretrained import CONFIG_NAME, CheckpointError, from_pretrained
 from .recipe import ConfigError, Recipe
 
-__all__ = ["load_trained"]
+__all__ = ["bundled", "load_trained"]
 
 
 def load_trained(
@@ -49,3 +49,18 @@ def load_trained(
     except ConfigError as e:
         raise CheckpointError(f"{folder / CONFIG_NAME}: invalid model config: {e}") from e
     return model, model_cfg
+
+
+def bundled(folder: Path, modality: str, config: str) -> Path:
+    """``folder``, a checkpoint that ships inside a modality package, if it is there.
+
+    Raises:
+        FileNotFoundError: the package was installed without it; the message says how to
+            train it (``polydiff train --config <config>``) or to pass ``--checkpoint``.
+    """
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"the bundled {modality} checkpoint is missing ({folder}); pass --checkpoint DIR "
+            f"or train it with `polydiff train --config {config}`"
+        )
+    return folder
