@@ -39,7 +39,44 @@ from polydiff.core.blocks import DiT, grid_positions, spacetime_patchify, spacet
 from polydiff.core.blocks.dit import AttentionLayout
 from polydiff.core.pretrained import Configurable, import_class
 
-__all__ = ["VideoDiT", "first_frame_condition"]
+__all__ = ["VideoDiT", "codec_decode", "codec_encode", "first_frame_condition", "latent_shape"]
+
+
+@torch.no_grad()
+def codec_encode(autoencoder: nn.Module, video: Tensor) -> Tensor:
+    """(B, C, T, H, W) pixels in [-1, 1] -> (B, c, t, h, w) latents of a frozen autoencoder:
+    its ``encode_video`` (3D), or its ``encode`` frame by frame (the posterior mean when it
+    returns (mean, logvar)), divided by its ``latent_std`` buffer when it has one."""
+    if hasattr(autoencoder, "encode_video"):
+        return autoencoder.encode_video(video)
+    b, t = video.shape[0], video.shape[2]
+    latents = autoencoder.encode(video.transpose(1, 2).flatten(0, 1))  # (B*T, C, H, W) in
+    latents = latents[0] if isinstance(latents, tuple) else latents
+    if hasattr(autoencoder, "latent_std"):
+        latents = latents / autoencoder.latent_std.to(latents.dtype)
+    return latents.unflatten(0, (b, t)).transpose(1, 2)
+
+
+@torch.no_grad()
+def codec_decode(autoencoder: nn.Module, latents: Tensor) -> Tensor:
+    """Inverse of :func:`codec_encode`: (B, c, t, h, w) latents -> (B, C, T, H, W) pixels."""
+    if hasattr(autoencoder, "decode_video"):
+        return autoencoder.decode_video(latents)
+    b, t = latents.shape[0], latents.shape[2]
+    frames = latents.transpose(1, 2).flatten(0, 1)
+    if hasattr(autoencoder, "latent_std"):
+        frames = frames * autoencoder.latent_std.to(frames.dtype)
+    return autoencoder.decode(frames).unflatten(0, (b, t)).transpose(1, 2)
+
+
+def latent_shape(
+    autoencoder: nn.Module, channels: int, frames: int, height: int, width: int
+) -> tuple[int, int, int, int]:
+    """(c, t, h, w) of the latents of a (channels, frames, height, width) clip (one probe)."""
+    param = next(autoencoder.parameters())
+    probe = torch.zeros((1, channels, frames, height, width), dtype=param.dtype,
+                        device=param.device)  # fmt: skip
+    return tuple(codec_encode(autoencoder, probe).shape[1:])  # type: ignore[return-value]
 
 
 def first_frame_condition(
@@ -138,45 +175,20 @@ class VideoDiT(Configurable, nn.Module):
         )
 
     # --- latent space ----------------------------------------------------------------------
-    @torch.no_grad()
     def encode_video(self, video: Tensor) -> Tensor:
-        """(B, C, T, H, W) pixels in [-1, 1] -> what the DiT diffuses (identity without an
-        autoencoder; the posterior mean / ``latent_std`` for a per-frame one)."""
-        ae = self.autoencoder
-        if ae is None:
-            return video
-        if hasattr(ae, "encode_video"):
-            return ae.encode_video(video)
-        b, t = video.shape[0], video.shape[2]
-        frames = video.transpose(1, 2).flatten(0, 1)  # (B*T, C, H, W)
-        latents = ae.encode(frames)
-        latents = latents[0] if isinstance(latents, tuple) else latents
-        if hasattr(ae, "latent_std"):
-            latents = latents / ae.latent_std.to(latents.dtype)
-        return latents.unflatten(0, (b, t)).transpose(1, 2)
+        """(B, C, T, H, W) pixels in [-1, 1] -> what the DiT diffuses (identity in pixel
+        space); see :func:`codec_encode`."""
+        return video if self.autoencoder is None else codec_encode(self.autoencoder, video)
 
-    @torch.no_grad()
     def decode_video(self, latents: Tensor) -> Tensor:
-        """Inverse of :meth:`encode_video`: model-space videos -> (B, C, T, H, W) pixels."""
-        ae = self.autoencoder
-        if ae is None:
-            return latents
-        if hasattr(ae, "decode_video"):
-            return ae.decode_video(latents)
-        b, t = latents.shape[0], latents.shape[2]
-        frames = latents.transpose(1, 2).flatten(0, 1)
-        if hasattr(ae, "latent_std"):
-            frames = frames * ae.latent_std.to(frames.dtype)
-        return ae.decode(frames).unflatten(0, (b, t)).transpose(1, 2)
+        """Inverse of :meth:`encode_video`."""
+        return latents if self.autoencoder is None else codec_decode(self.autoencoder, latents)
 
     def model_shape(self, pixel_channels: int, frames: int, height: int, width: int) -> tuple:
         """(C, T, H, W) of what the DiT diffuses for clips of that pixel size."""
         if self.autoencoder is None:
             return (self.channels, frames, height, width)
-        param = next(self.parameters())
-        probe = torch.zeros((1, pixel_channels, frames, height, width), dtype=param.dtype,
-                            device=param.device)  # fmt: skip
-        return tuple(self.encode_video(probe).shape[1:])
+        return latent_shape(self.autoencoder, pixel_channels, frames, height, width)
 
     def forward(
         self,

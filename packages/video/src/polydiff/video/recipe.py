@@ -55,7 +55,7 @@ from polydiff.core.train.denoising import (
 )
 
 from . import data, synthetic
-from .model import VideoDiT
+from .model import VideoDiT, latent_shape
 
 __all__ = ["DEFAULTS", "DIT_DEFAULTS", "PREVIEW_PROMPTS", "VideoRecipe"]
 
@@ -88,6 +88,18 @@ PREVIEW_PROMPTS = (
     "a green circle moving down",
     "a white square growing",
 )
+
+
+def _check_divisible(sizes: list, patch: list[int], key: str | None) -> None:
+    """Every (frames, height, width) of ``sizes`` must be divisible by ``patch``; ConfigError
+    names ``model.<key>`` (None: the frames / height / width key itself)."""
+    for size in sizes:
+        for value, p, what in zip(size, patch, ("frames", "height", "width"), strict=True):
+            if value % p:
+                raise config_error(
+                    key or what,
+                    f"{what} {value} of {list(size)} is not divisible by dit.patch {patch}",
+                )
 
 
 class VideoRecipe:
@@ -142,15 +154,9 @@ class VideoRecipe:
                 holder = {"b": item}
                 int_list(holder, "b", f"buckets[{i}]", 1, length=3)
             cfg["buckets"] = [list(b) for b in buckets]
-        for frames, height, width in data.model_buckets(cfg):
-            for size, p, what in zip((frames, height, width), dit["patch"], "THW", strict=True):
-                if size % p:
-                    raise config_error(
-                        "buckets"
-                        if cfg["buckets"]
-                        else {"T": "frames", "H": "height"}.get(what, "width"),
-                        f"{what} = {size} is not divisible by dit.patch {dit['patch']}",
-                    )
+        if cfg["autoencoder"] is None:  # latent sizes are checked when it is loaded
+            _check_divisible(data.model_buckets(cfg), dit["patch"], "buckets" if cfg["buckets"]
+                             else None)  # fmt: skip
         return cfg
 
     # --- model ---------------------------------------------------------------------------
@@ -159,10 +165,14 @@ class VideoRecipe:
         loaded, for latent diffusion)."""
         dit = model_cfg["dit"]
         context_dim, pooled_dim = text_dims(model_cfg)
-        channels, codec = int(model_cfg["channels"]), {}
-        autoencoder = None
+        channels, codec, autoencoder = int(model_cfg["channels"]), {}, None
         if model_cfg["autoencoder"] is not None:
             autoencoder = from_pretrained(model_cfg["autoencoder"])
+            shapes = [
+                latent_shape(autoencoder, channels, *b) for b in data.model_buckets(model_cfg)
+            ]
+            _check_divisible([s[1:] for s in shapes], dit["patch"], "autoencoder")
+            channels = shapes[0][0]
             codec = {
                 "autoencoder_class": class_path(type(autoencoder)),
                 "autoencoder": dict(autoencoder.config),
@@ -183,22 +193,7 @@ class VideoRecipe:
             rope_theta=float(dit["rope_theta"]),
             **codec,
         )
-        if autoencoder is None:
-            return model
-        model.autoencoder.load_state_dict(autoencoder.state_dict())
-        # The DiT's channels are the latent channels: probe the codec once, then rebuild.
-        for bucket in data.model_buckets(model_cfg):
-            shape = model.model_shape(channels, *bucket)
-            bad = [s for s, p in zip(shape[1:], dit["patch"], strict=True) if s % p]
-            if bad:
-                raise config_error(
-                    "autoencoder",
-                    f"its latents of {list(bucket)} clips are {list(shape[1:])}, not divisible "
-                    f"by dit.patch {dit['patch']}",
-                )
-        if shape[0] != channels:
-            rebuilt = self.build_model({**model_cfg, "autoencoder": None, "channels": shape[0]})
-            model = VideoDiT(**{**rebuilt.config, **codec})
+        if autoencoder is not None:
             model.autoencoder.load_state_dict(autoencoder.state_dict())
         return model
 
