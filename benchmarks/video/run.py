@@ -25,6 +25,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import torch
@@ -107,7 +108,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     queue = context.Queue()
     process = context.Process(target=_train_steps, args=(spec, queue))
     process.start()
-    result = queue.get()
+    while True:  # a child that dies (out of memory, an error) must not hang the benchmark
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not process.is_alive():
+                message = f"benchmark process failed (exit {process.exitcode}): {spec}"
+                raise RuntimeError(message) from None
     process.join()
     result["tokens_per_s"] = spec["batch"] * result["tokens"] / result["step_s"]
     return result
@@ -155,6 +163,7 @@ def loader_throughput(clips: int) -> list[dict[str, Any]]:
         }  # fmt: skip
         speeds = {}
         for decoder in ("decord", "pyav"):
+            data.decode(samples[0], {**cfg, "decoder": decoder})  # warm-up (library start)
             start = time.perf_counter()
             for sample in samples:
                 data.decode(sample, {**cfg, "decoder": decoder})
