@@ -128,3 +128,11 @@ def test_read_frames_of_generated_file_round_trip(tiny_checkpoint, tmp_path):
     frames = read_frames(path.read_bytes(), range(8))
     assert frames.shape == (8, 32, 32, 3)
     assert io.BytesIO(path.read_bytes()).getbuffer().nbytes > 0
+
+
+def test_written_videos_are_readable_by_others(tiny_checkpoint, tmp_path):
+    from polydiff.video.export import write_mp4
+
+    videos, _ = generate("a", checkpoint=tiny_checkpoint, steps=1)
+    path = write_mp4(videos[0], tmp_path / "shared.mp4", 8)
+    assert path.stat().st_mode & 0o044 == 0o044

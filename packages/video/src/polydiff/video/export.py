@@ -87,6 +87,7 @@ def write_mp4(video: Tensor | np.ndarray, path: str | Path, fps: float, crf: int
             for frame in frames:
                 out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             out.mux(stream.encode())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a video is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
