@@ -39,15 +39,6 @@ SWAPPED = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small convolutions gain nothing from intra-op threads on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def held_out() -> tuple[torch.Tensor, list[tuple[str, str, str]]]:
     """210 real clips (MP4 round trip) the evaluator never saw, in [-1, 1], and their

@@ -1,23 +1,12 @@
 """``ImageRecipe``: how the shared trainer and CLI train and sample images.
 
-The ``model:`` section of an image config (every key optional; defaults below)::
+The ``model:`` section of an image config (every key optional; defaults below), plus the
+denoising keys every modality shares (text encoder, schedule, prediction, weighting, CFG
+dropout, sampling defaults, gradient checkpointing: see :mod:`polydiff.core.train.denoising`)::
 
     kind: unet              # unet | dit (pixel denoisers) | latent_dit | autoencoder
     image_size: 16          # square side in pixels; samples are centre-cropped and resized
     channels: 1             # 1 = grayscale, 3 = RGB
-    text_encoder: null      # null = the bundled all-MiniLM-L6-v2; or a local model folder
-    text_max_length: 16     # text token positions (prompts are padded / truncated)
-    schedule: cosine        # linear | scaled_linear | cosine | flow
-    zero_terminal_snr: false
-    shift: 1.0              # time shift (training times and flow_shift sampling grids)
-    prediction: v           # eps | x0 | v | flow
-    time_distribution: uniform   # uniform | logit_normal
-    weighting: min_snr      # none | min_snr
-    snr_gamma: 5.0
-    cond_drop: 0.1          # CFG training: probability of the empty prompt
-    sampler: unipc          # defaults of previews and `polydiff generate`
-    sample_steps: 30
-    guidance: 3.0
     unet: {base_channels: 32, channel_mult: [1, 2], num_res_blocks: 2,
            attention_levels: [1], heads: 4, dropout: 0.0}              # kind unet
     dit: {patch: 2, dim: 192, depth: 6, heads: 6, mlp_ratio: 4.0,
@@ -25,7 +14,6 @@ The ``model:`` section of an image config (every key optional; defaults below)::
     autoencoder: {latent_channels: 4, base_channels: 32, channel_mult: [1, 2],
                   kl_weight: 1.0e-4}                                   # kind autoencoder
     autoencoder: path/to/autoencoder/final                             # kind latent_dit
-    gradient_checkpointing: false
 
 Latent diffusion is two runs of ``polydiff train``: first ``kind: autoencoder`` (loss =
 reconstruction MSE + ``kl_weight`` * KL), then ``kind: latent_dit`` with ``autoencoder:`` set
