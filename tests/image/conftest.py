@@ -7,9 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import torch
 
 from polydiff.image.recipe import ImageRecipe
+from tests.modality_fixtures import offline, one_thread  # noqa: F401 (autouse)
 
 # Tiny configs: every model kind builds and runs in milliseconds on 8x8 images.
 TINY: dict[str, dict[str, Any]] = {
@@ -41,23 +41,6 @@ TINY: dict[str, dict[str, Any]] = {
         "dit": {"dim": 16, "depth": 1, "heads": 2},
     },
 }
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    # Nothing may download: the bundled MiniLM loads from its package.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a busy small machine their
-    # synchronisation makes these tests ten times slower; restored after each module.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

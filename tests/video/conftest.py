@@ -12,6 +12,7 @@ import torch
 
 from polydiff.video.recipe import VideoRecipe
 from polydiff.video.synthetic import moving_shapes
+from tests.modality_fixtures import offline, one_thread  # noqa: F401 (autouse)
 
 # A tiny model: 8 frames of 32x32, 2x4x4 tubelets = 256 tokens, one block. (32, not 16:
 # decord 0.6 cannot return frames 16, 24 or 48 pixels wide.)
@@ -24,22 +25,6 @@ TINY: dict[str, Any] = {
     "sample_steps": 3,
     "dit": {"patch": [2, 4, 4], "dim": 24, "depth": 1, "heads": 4},
 }
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    # Nothing may download: the bundled MiniLM loads from its package.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors gain nothing from intra-op threads on a busy small machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
