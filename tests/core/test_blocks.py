@@ -21,6 +21,7 @@ from polydiff.core.blocks import (
     patchify_1d,
     patchify_2d,
     sincos_pos_embed,
+    sincos_position_embedding,
     spacetime_patchify,
     spacetime_unpatchify,
     timestep_embedding,
@@ -299,6 +300,31 @@ def test_dit_pooled_conditioning_changes_the_output() -> None:
     assert not torch.allclose(out_a, out_b)
     with pytest.raises(ValueError, match="pooled"):
         model(tokens, t)
+
+
+def test_sincos_position_embedding_of_grid_cells_is_the_grid_table() -> None:
+    positions = grid_positions((2, 3, 4))
+    table = sincos_position_embedding(positions, 30)
+    torch.testing.assert_close(table, sincos_pos_embed(30, (2, 3, 4)))
+    per_sample = sincos_position_embedding(positions[None].expand(2, -1, -1), 30)
+    torch.testing.assert_close(per_sample, table[None].expand(2, -1, -1))
+    with pytest.raises(ValueError, match="positions must be"):
+        sincos_position_embedding(torch.zeros(5, 4), 30)
+
+
+def test_rotary_alone_cannot_tell_where_identical_tokens_are_absolute_positions_can() -> None:
+    # Rotary attention sees offsets only: a sequence of identical tokens gives every interior
+    # token the same output. Absolute positions make each token know where it is.
+    tokens, t = torch.ones(1, 9, 3), torch.tensor([100.0])
+    positions = grid_positions((9,))
+    rotary = randomize_(DiT(3, 3, 16, 1, 2, rope_axes=1)).eval()
+    out = rotary(tokens, t, positions=positions)[0]
+    torch.testing.assert_close(out[3], out[5])
+    absolute = randomize_(DiT(3, 3, 16, 1, 2, rope_axes=1, absolute_positions=True)).eval()
+    out = absolute(tokens, t, positions=positions)[0]
+    assert not torch.allclose(out[3], out[5], atol=1e-4)
+    with pytest.raises(ValueError, match="absolute_positions needs"):
+        DiT(3, 3, 16, 1, 2, absolute_positions=True)
 
 
 def test_dit_rejects_missing_or_unexpected_positions() -> None:

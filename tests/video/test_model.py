@@ -88,3 +88,20 @@ def test_factorised_attention_adds_one_temporal_branch_per_block(recipe, tiny):
     attention = 4 * dim * dim + 4 * dim + 2 * head_dim  # qkv + out projections, q/k norms
     adaln = 3 * dim * dim + 3 * dim  # its shift, scale and gate
     assert extra == attention + adaln
+
+
+def test_every_frame_of_pure_noise_gets_its_own_prediction_with_absolute_positions(recipe, tiny):
+    # Where a shape starts and ends depends on the prompt ("moving left": right, then left);
+    # from pure noise only absolute (t, h, w) positions can say which frame is which.
+    cfg = tiny()
+    assert cfg["dit"]["absolute_positions"] is True
+    model = _perturbed(recipe.build_model(cfg))
+    still = torch.randn(1, 3, 1, 32, 32).expand(1, 3, 8, 32, 32)  # the same frame 8 times
+    out = model(still, torch.tensor([999.0]), **_text(cfg, ["a red circle moving left"]))
+    assert (out[:, :, 0] - out[:, :, 6]).abs().max() > 1e-3
+
+
+def test_checkpoints_saved_before_absolute_positions_existed_load_without_them():
+    model = VideoDiT(dim=24, depth=1, heads=4)  # the constructor config of such a checkpoint
+    assert model.dit.absolute_positions is False
+    assert not any("pos" in name for name in model.state_dict())  # a fixed table, no weights

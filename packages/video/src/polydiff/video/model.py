@@ -123,6 +123,9 @@ class VideoDiT(Configurable, nn.Module):
         first_frame: accept a first frame to condition on (image-to-video).
         gradient_checkpointing: recompute block activations in backward.
         rope_theta: rotary frequency base.
+        absolute_positions: add a sin-cos embedding of each tubelet's (t, h, w) to its token,
+            so the model knows where and when it is, not only relative offsets (rotary).
+            Off by default so checkpoints saved before it existed load unchanged.
         autoencoder_class, autoencoder: ``"module:Class"`` and constructor config of a frozen
             latent autoencoder (see the module docstring); ``channels`` is then its latent
             channels. None = pixel space.
@@ -143,6 +146,7 @@ class VideoDiT(Configurable, nn.Module):
         first_frame: bool = True,
         gradient_checkpointing: bool = False,
         rope_theta: float = 10000.0,
+        absolute_positions: bool = False,
         autoencoder_class: str | None = None,
         autoencoder: dict[str, Any] | None = None,
     ) -> None:
@@ -172,6 +176,7 @@ class VideoDiT(Configurable, nn.Module):
             gradient_checkpointing=gradient_checkpointing,
             rope_theta=rope_theta,
             attention=attention,
+            absolute_positions=absolute_positions,
         )
 
     # --- latent space ----------------------------------------------------------------------

@@ -14,7 +14,9 @@ sampling defaults: see :mod:`polydiff.core.train.denoising`)::
     first_frame_prob: 0.25  # image-to-video training: share of clips given their first frame
     autoencoder: null       # or the final/ folder of a trained autoencoder: latent diffusion
     dit: {patch: [2, 4, 4], dim: 192, depth: 6, heads: 6, mlp_ratio: 4.0, qk_norm: true,
-          attention: full, rope_theta: 10000.0}    # attention: full | factorised
+          attention: full, rope_theta: 10000.0, absolute_positions: true}
+                            # attention: full | factorised; absolute_positions: sin-cos
+                            # (t, h, w) added to the tokens, besides the rotary offsets
 
 Clips given their first frame learn image-to-video; that frame is left out of their loss.
 
@@ -80,6 +82,7 @@ DIT_DEFAULTS: dict[str, Any] = {
     "qk_norm": True,
     "attention": "full",
     "rope_theta": 10000.0,
+    "absolute_positions": True,
 }
 PREVIEW_PROMPTS = (
     "a red circle moving right",
@@ -142,6 +145,7 @@ class VideoRecipe:
         number(dit, "mlp_ratio", float, 1e-6, "dit.mlp_ratio")
         number(dit, "rope_theta", float, 1.0, "dit.rope_theta")
         flag(dit, "qk_norm", "dit.qk_norm")
+        flag(dit, "absolute_positions", "dit.absolute_positions")
         choice(dit, "attention", ATTENTION_LAYOUTS, "dit.attention")
 
         if cfg["buckets"] is not None:
@@ -191,6 +195,7 @@ class VideoRecipe:
             first_frame=True,
             gradient_checkpointing=bool(model_cfg["gradient_checkpointing"]),
             rope_theta=float(dit["rope_theta"]),
+            absolute_positions=dit["absolute_positions"],
             **codec,
         )
         if autoencoder is not None:

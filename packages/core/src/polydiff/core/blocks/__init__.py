@@ -6,7 +6,12 @@ Embeddings, rotary positions, attention, DiT (adaLN-Zero) blocks, patchify helpe
 
 from .attention import Attention
 from .dit import ATTENTION_LAYOUTS, DiT, DiTBlock, FinalLayer, attend_along, modulate
-from .embeddings import TimestepEmbedder, sincos_pos_embed, timestep_embedding
+from .embeddings import (
+    TimestepEmbedder,
+    sincos_pos_embed,
+    sincos_position_embedding,
+    timestep_embedding,
+)
 from .patch import (
     PatchEmbed,
     patchify_1d,
@@ -38,6 +43,7 @@ __all__ = [
     "patchify_1d",
     "patchify_2d",
     "sincos_pos_embed",
+    "sincos_position_embedding",
     "spacetime_patchify",
     "spacetime_unpatchify",
     "timestep_embedding",

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ._utils import maybe_checkpoint
 from .attention import Attention, QKNorm
-from .embeddings import TimestepEmbedder
+from .embeddings import TimestepEmbedder, sincos_position_embedding
 from .rope import RotaryEmbedding
 
 
@@ -209,6 +209,11 @@ class DiT(nn.Module):
         rope_theta: rotary frequency base.
         attention: "full" or "factorised" (space then time; needs ``grid`` in forward), see
             :class:`DiTBlock`.
+        absolute_positions: also add a fixed sin-cos embedding of the token coordinates to the
+            input (as DiT does). Rotary attention sees only position differences, so without
+            it a model cannot tell where (or when) a token is, only where it is relative to
+            others: a layout that depends on the prompt (a shape that starts at the right and
+            ends at the left) must then be inferred from the frame's edges.
     """
 
     def __init__(
@@ -226,10 +231,15 @@ class DiT(nn.Module):
         gradient_checkpointing: bool = False,
         rope_theta: float = 10000.0,
         attention: AttentionLayout = "full",
+        absolute_positions: bool = False,
     ) -> None:
         super().__init__()
         if rope_axes not in (0, 1, 2, 3):
             raise ValueError(f"rope_axes must be 0, 1, 2 or 3, got {rope_axes}")
+        if absolute_positions and not rope_axes:
+            raise ValueError("absolute_positions needs token positions (rope_axes 1, 2 or 3)")
+        self.dim = dim
+        self.absolute_positions = absolute_positions
         self.gradient_checkpointing = gradient_checkpointing
         self.input_proj = nn.Linear(in_dim, dim)
         self.t_embedder = TimestepEmbedder(dim)
@@ -299,6 +309,8 @@ class DiT(nn.Module):
             c = c + self.cond_proj(pooled)
 
         x = self.input_proj(tokens)
+        if self.absolute_positions:
+            x = x + sincos_position_embedding(positions, self.dim).to(x.dtype)
         use_ckpt = self.gradient_checkpointing and self.training
         for block in self.blocks:
             x = maybe_checkpoint(

@@ -60,13 +60,45 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(freqs.to(self.mlp[0].weight.dtype))
 
 
+def sincos_position_embedding(positions: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Fixed sin-cos embedding of token coordinates (absolute positions).
+
+    ``dim`` is split into even per-axis shares (earlier axes get leftover pairs); each share
+    holds ``[sin(p * w_i), cos(p * w_i)]`` of that axis' coordinate ``p``, with frequencies
+    ``w_i = max_period ** (-i / half)``.
+
+    Args:
+        positions: (L, axes) or (B, L, axes) coordinates in grid cells, 1 <= axes <= 3.
+        dim: embedding width; must be even and at least ``2 * axes``.
+        max_period: longest wavelength, in grid cells.
+
+    Returns:
+        (L, dim) or (B, L, dim) float32.
+    """
+    axes = positions.shape[-1]
+    if positions.ndim not in (2, 3) or not 1 <= axes <= 3:
+        raise ValueError(
+            "positions must be (L, axes) or (B, L, axes) with 1-3 axes, got "
+            f"{tuple(positions.shape)}"
+        )
+    shares = split_even(dim, axes, "sincos_position_embedding")
+    coords = positions.to(torch.float32)
+    tables = []
+    for axis, share in enumerate(shares):
+        half = share // 2
+        freqs = max_period ** (
+            -torch.arange(half, dtype=torch.float32, device=positions.device) / half
+        )
+        args = coords[..., axis, None] * freqs
+        tables.append(torch.cat([torch.sin(args), torch.cos(args)], dim=-1))
+    return torch.cat(tables, dim=-1)
+
+
 def sincos_pos_embed(
     dim: int, grid_shape: int | Sequence[int], max_period: float = 10000.0
 ) -> Tensor:
-    """Fixed sin-cos positional table for a 1D (L,), 2D (H, W) or 3D (T, H, W) grid.
-
-    ``dim`` is split into even per-axis shares (earlier axes get leftover pairs); each share
-    holds ``[sin(p * w_i), cos(p * w_i)]`` of that axis' integer coordinate ``p``.
+    """Fixed sin-cos positional table for a 1D (L,), 2D (H, W) or 3D (T, H, W) grid: the
+    :func:`sincos_position_embedding` of every cell.
 
     Args:
         dim: embedding width; must be even and at least ``2 * len(grid_shape)``.
@@ -80,12 +112,4 @@ def sincos_pos_embed(
     shape = (grid_shape,) if isinstance(grid_shape, int) else tuple(grid_shape)
     if not 1 <= len(shape) <= 3:
         raise ValueError(f"sincos_pos_embed supports 1D, 2D or 3D grids, got shape {shape}")
-    shares = split_even(dim, len(shape), "sincos_pos_embed")
-    coords = grid_positions(shape).to(torch.float32)
-    tables = []
-    for axis, share in enumerate(shares):
-        half = share // 2
-        freqs = max_period ** (-torch.arange(half, dtype=torch.float32) / half)
-        args = coords[:, axis, None] * freqs[None, :]
-        tables.append(torch.cat([torch.sin(args), torch.cos(args)], dim=-1))
-    return torch.cat(tables, dim=-1)
+    return sincos_position_embedding(grid_positions(shape), dim, max_period)
