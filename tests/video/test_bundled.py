@@ -27,12 +27,6 @@ def _centroid(frame: torch.Tensor) -> tuple[float, float]:
     return float((lit * xs).sum() / total), float((lit * ys).sum() / total)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped model (2,500 CPU steps of moving-shapes.yaml) draws the asked colour "
-    "and roughly the shape but has not learned motion yet (evaluator motion accuracy 15 %, "
-    "chance 14 %); issue 4 stays open until a longer run ships",
-)
 @pytest.mark.parametrize("direction", list(DIRECTIONS))
 def test_the_shape_moves_the_asked_direction(direction):
     dx, dy = DIRECTIONS[direction]
