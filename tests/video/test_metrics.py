@@ -108,10 +108,13 @@ def test_training_is_reproducible_and_leaves_the_callers_random_state_alone(tmp_
     assert torch.rand(1) == expected_torch and random.random() == expected_python
     second = train_evaluator(count=6, steps=2, batch_size=3)
     other = train_evaluator(count=6, steps=2, batch_size=3, seed=1)
+    # Equal up to float rounding: on some CPUs oneDNN's conv kernels round differently with
+    # the memory alignment of their buffers (seen: 3e-8 in a gradient), and AdamW turns a
+    # near-zero gradient's rounding into a whole step of +-lr (3e-3) either way.
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+        assert float((a.double() - b.double()).abs().max()) < 1e-2, name
     pairs = zip(first.parameters(), other.parameters(), strict=True)
-    assert not all(torch.equal(a, c) for a, c in pairs)
+    assert max(float((a - c).abs().max()) for a, c in pairs) > 0.05  # another seed: other weights
 
 
 def test_command_line_trains_reports_and_saves_a_loadable_evaluator(tmp_path, capsys):
