@@ -89,6 +89,20 @@ def test_samples_are_h264_mp4s_of_16_frames_at_32x32_and_cover_every_combination
     assert len(frames) == 16 and frames[0].shape == (32, 32, 3)
 
 
+def _decoded(mp4: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(mp4)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
 def test_the_set_is_reproducible():
-    a, b = next(moving_shapes(1, seed=5)), next(moving_shapes(1, seed=5))
-    assert a["mp4"] == b["mp4"] and a["txt"] == b["txt"]
+    # The rendered frames are exact; the H.264 bytes are not always: the wheel's libx264
+    # (even with one thread) sometimes encodes the same frames differently within a process
+    # (seen: mean 0.6, max 52 levels apart after decoding, on a 2-core EPYC).
+    a, b = list(moving_shapes(3, seed=5)), list(moving_shapes(3, seed=5))
+    for x, y in zip(a, b, strict=True):
+        assert (x["__key__"], x["txt"], x["json"]) == (y["__key__"], y["txt"], y["json"])
+        frames_x, frames_y = _decoded(x["mp4"]).astype(int), _decoded(y["mp4"]).astype(int)
+        assert frames_x.shape == frames_y.shape
+        assert np.abs(frames_x - frames_y).mean() < 2.0
+    other = _decoded(next(moving_shapes(1, seed=6))["mp4"]).astype(int)
+    assert np.abs(other - _decoded(a[0]["mp4"]).astype(int)).mean() > 2.0  # a seed matters

@@ -83,10 +83,7 @@ def write_mp4(video: Tensor | np.ndarray, path: str | Path, fps: float, crf: int
             stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
-            # One x264 thread: its threaded encoder gave different bytes for the same frames
-            # (seen under pytest), and a shard set must be reproducible. Small clips lose
-            # nothing by it.
-            stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+            stream.options = {"crf": str(crf), "preset": "medium"}
             for frame in frames:
                 out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             out.mux(stream.encode())

@@ -8,7 +8,8 @@ Each clip is one shape on a black background, written as a real H.264 MP4 with P
   ``shrinking`` (radius x2.5 / x0.4 over the clip) and ``static``.
 
 Captions read ``"a red circle moving left"``. Start position, speed and size are drawn from a
-generator seeded by the clip index, so a set is reproducible; shapes are drawn 4x supersampled
+generator seeded by the clip index, so a set's frames are reproducible (libx264 may encode
+them a few levels differently from run to run); shapes are drawn 4x supersampled
 and box-filtered, so sub-pixel motion is smooth rather than jumping a pixel at a time.
 """
 
