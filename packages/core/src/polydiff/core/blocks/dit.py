@@ -238,7 +238,6 @@ class DiT(nn.Module):
             raise ValueError(f"rope_axes must be 0, 1, 2 or 3, got {rope_axes}")
         if absolute_positions and not rope_axes:
             raise ValueError("absolute_positions needs token positions (rope_axes 1, 2 or 3)")
-        self.dim = dim
         self.absolute_positions = absolute_positions
         self.gradient_checkpointing = gradient_checkpointing
         self.input_proj = nn.Linear(in_dim, dim)
@@ -310,7 +309,7 @@ class DiT(nn.Module):
 
         x = self.input_proj(tokens)
         if self.absolute_positions:
-            x = x + sincos_position_embedding(positions, self.dim).to(x.dtype)
+            x = x + sincos_position_embedding(positions, x.shape[-1]).to(x.dtype)
         use_ckpt = self.gradient_checkpointing and self.training
         for block in self.blocks:
             x = maybe_checkpoint(
