@@ -5,6 +5,12 @@ both conditionings, and returns the state to step from and the clean-sample esti
 towards. Samplers only ever call a guider, so a new guider plugs in without touching any
 sampler. For ordinary guidance the returned state is ``x`` itself; CFG++ moves it (it renoises
 with the unconditional noise estimate).
+
+Padded batches: a guider also receives ``valid`` (keyword-only; None when the caller gave no
+mask), a bool tensor with the state's number of dims and batch, True at real positions (see
+:func:`valid_mask`). Statistics a guider takes over a sample (CFG's guidance rescale) are taken
+over its valid positions only, so a sample's result does not depend on how much padding it
+shares a batch with. The x0 estimates ``predict`` returns are already exactly 0 at padding.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ __all__ = [
     "NoGuidance",
     "Predict",
     "as_guider",
+    "broadcast_cond",
     "concat_cond",
     "drop_conditioning",
+    "valid_mask",
 ]
 
 Cond = Mapping[str, Any]
@@ -37,17 +45,85 @@ Predict = Callable[[Tensor, Level, Cond], Tensor]
 
 
 class Guider(Protocol):
-    """``guider(predict, x, level, cond, uncond) -> (state, x0)``, shapes as ``x``."""
+    """``guider(predict, x, level, cond, uncond, *, valid=None) -> (state, x0)``, shapes as
+    ``x``. ``valid`` is None or a bool tensor broadcastable to ``x`` (True = real position);
+    every guider must accept the keyword (the sampler passes it only for padded batches)."""
 
     def __call__(
-        self, predict: Predict, x: Tensor, level: Level, cond: Cond, uncond: Cond | None
+        self,
+        predict: Predict,
+        x: Tensor,
+        level: Level,
+        cond: Cond,
+        uncond: Cond | None,
+        *,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]: ...
 
 
-def concat_cond(first: Cond, second: Cond) -> dict[str, Any]:
+def valid_mask(valid: Tensor, like: Tensor) -> Tensor:
+    """The valid-token mask in the form guiders and models receive it.
+
+    Args:
+        valid: broadcastable to ``like``, bool or 0/1 numbers; 1 = real, 0 = padding (e.g.
+            (B, 1, T) for (B, C, T) motion, (B, L, 1) for (B, L, D) tokens, (T,) for all).
+        like: the state (B, ...).
+
+    Returns:
+        A contiguous bool tensor on ``like``'s device with ``like.ndim`` dims and ``like``'s
+        batch; the other sizes are the given ones (1 where ``valid`` broadcasts), so
+        ``(B, 1, T)`` stays ``(B, 1, T)`` and ``valid[:, 0]`` is a DiT token mask (B, T).
+
+    Raises:
+        ValueError: ``valid`` does not broadcast to ``like`` or holds values other than 0 and 1.
+    """
+    try:
+        fits = torch.broadcast_shapes(valid.shape, like.shape) == like.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"valid has shape {tuple(valid.shape)}, which does not broadcast to the state's "
+            f"{tuple(like.shape)}; give e.g. (B, 1, T) for (B, C, T)"
+        )
+    if valid.dtype != torch.bool:
+        if not bool(((valid == 0) | (valid == 1)).all()):
+            raise ValueError("valid must be bool or hold only 0 and 1 (1 = real, 0 = padding)")
+        valid = valid != 0
+    valid = valid.reshape((1,) * (like.ndim - valid.ndim) + tuple(valid.shape))
+    return valid.expand(like.shape[0], *valid.shape[1:]).to(like.device).contiguous()
+
+
+def _batch_error(name: str, key: str, value: Tensor, batch: int) -> ValueError:
+    return ValueError(
+        f"{name}[{key!r}] has shape {tuple(value.shape)}: its batch must be 1 or {batch} (the "
+        "batch of x); conditioning tensors are batch-first"
+    )
+
+
+def broadcast_cond(cond: Cond, batch: int, *, name: str = "cond") -> dict[str, Any]:
+    """``cond`` with every batch-1 tensor expanded (and copied) to ``batch``.
+
+    Tensors are batch-first: a tensor whose first dim is ``batch`` is kept, one of batch 1 is
+    repeated, any other raises ValueError naming ``name``, the key and the shapes. Zero-dim
+    tensors and other values pass unchanged.
+    """
+    out: dict[str, Any] = {}
+    for key, value in cond.items():
+        if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] != batch:
+            if value.shape[0] != 1:
+                raise _batch_error(name, key, value, batch)
+            value = value.expand(batch, *value.shape[1:]).contiguous()
+        out[key] = value
+    return out
+
+
+def concat_cond(first: Cond, second: Cond, *, batch: int | None = None) -> dict[str, Any]:
     """Stack two conditionings along the batch so cond and uncond share one forward pass.
 
-    Tensors are concatenated on dim 0; any other value must be equal in both and is kept.
+    Tensors are concatenated on dim 0 after expanding a batch-1 tensor (of either side) to
+    ``batch``, the batch of x; the result has batch ``2 * batch``. ``batch=None`` takes, per
+    key, the larger of the two batches. Any other value must be equal in both and is kept.
     """
     if set(first) != set(second):
         raise ValueError(
@@ -56,14 +132,22 @@ def concat_cond(first: Cond, second: Cond) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, a in first.items():
         b = second[key]
-        if isinstance(a, Tensor) and isinstance(b, Tensor):
-            if a.shape[1:] != b.shape[1:] or b.shape[0] not in (1, a.shape[0]):
+        if isinstance(a, Tensor) and isinstance(b, Tensor) and a.ndim > 0 and b.ndim > 0:
+            n = max(a.shape[0], b.shape[0]) if batch is None else batch
+            hint = ""
+            if a.shape[1:] != b.shape[1:]:
+                hint = "pad them to the same length"
+            elif not {a.shape[0], b.shape[0]} <= {1, n}:
+                hint = f"each batch must be 1 or {n}" + (" (the batch of x)" if batch else "")
+            if hint:
                 raise ValueError(
                     f"cond[{key!r}] has shape {tuple(a.shape)} but uncond[{key!r}] has "
-                    f"{tuple(b.shape)}; pad them to the same length"
+                    f"{tuple(b.shape)}; {hint}"
                 )
-            out[key] = torch.cat([a, b.expand(a.shape[0], *b.shape[1:]) if b.shape[0] == 1 else b])
-        elif a is b or a == b:
+            out[key] = torch.cat([a.expand(n, *a.shape[1:]), b.expand(n, *b.shape[1:])])
+        elif a is b or (
+            torch.equal(a, b) if isinstance(a, Tensor) and isinstance(b, Tensor) else a == b
+        ):
             out[key] = a
         else:
             raise ValueError(f"cond[{key!r}] differs from uncond[{key!r}] and is not a tensor")
@@ -73,9 +157,22 @@ def concat_cond(first: Cond, second: Cond) -> dict[str, Any]:
 def _paired(
     predict: Predict, x: Tensor, level: Level, cond: Cond, uncond: Cond
 ) -> tuple[Tensor, Tensor]:
-    x0 = predict(torch.cat([x, x]), level, concat_cond(cond, uncond))
+    x0 = predict(torch.cat([x, x]), level, concat_cond(cond, uncond, batch=x.shape[0]))
     cond_x0, uncond_x0 = x0.chunk(2)
     return cond_x0, uncond_x0
+
+
+def _std(value: Tensor, valid: Tensor | None) -> Tensor:
+    """Per-sample standard deviation (B, 1, ...), over the valid positions when given (with
+    the same n - 1 correction as ``Tensor.std``)."""
+    dims = tuple(range(1, value.ndim))
+    if valid is None:
+        return value.std(dim=dims, keepdim=True)
+    m = torch.broadcast_to(valid, value.shape).to(value.dtype)
+    n = m.sum(dim=dims, keepdim=True)
+    mean = (value * m).sum(dim=dims, keepdim=True) / n.clamp(min=1)
+    dev = (value - mean) * m
+    return ((dev * dev).sum(dim=dims, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
 
 
 def _check_scale(name: str, value: float) -> None:
@@ -95,7 +192,14 @@ class NoGuidance:
     """Conditional prediction only (one forward pass)."""
 
     def __call__(
-        self, predict: Predict, x: Tensor, level: Level, cond: Cond, uncond: Cond | None
+        self,
+        predict: Predict,
+        x: Tensor,
+        level: Level,
+        cond: Cond,
+        uncond: Cond | None,
+        *,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         return x, predict(x, level, cond)
 
@@ -108,7 +212,8 @@ class CFG:
         scale: guidance weight (1 = conditional only, 0 = unconditional only).
         rescale: guidance rescale phi in [0, 1] (Lin et al. 2023): the guided x0 is scaled
             per sample towards the standard deviation of the conditional x0, which counters the
-            over-exposure of large scales.
+            over-exposure of large scales. With ``valid`` both deviations are taken over the
+            sample's valid positions only.
         interval: (low, high) in noise level sigma/alpha: guidance is applied only there
             (Kynkaanniemi et al. 2024); elsewhere one conditional forward pass is made.
 
@@ -127,7 +232,14 @@ class CFG:
             raise ValueError(f"guidance interval must be (low, high), got {self.interval}")
 
     def __call__(
-        self, predict: Predict, x: Tensor, level: Level, cond: Cond, uncond: Cond | None
+        self,
+        predict: Predict,
+        x: Tensor,
+        level: Level,
+        cond: Cond,
+        uncond: Cond | None,
+        *,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         if self.scale == 1.0 or not _in_interval(level, self.interval):
             return x, predict(x, level, cond)
@@ -136,8 +248,10 @@ class CFG:
         cond_x0, uncond_x0 = _paired(predict, x, level, cond, uncond)
         x0 = torch.lerp(uncond_x0, cond_x0, self.scale)
         if self.rescale > 0:
-            dims = tuple(range(1, x0.ndim))
-            ratio = cond_x0.std(dim=dims, keepdim=True) / x0.std(dim=dims, keepdim=True)
+            guided_std = _std(x0, valid)
+            ratio = _std(cond_x0, valid) / guided_std
+            if valid is not None:  # an all-padding (or constant) sample is left as it is
+                ratio = torch.where(guided_std > 0, ratio, 1.0)
             x0 = x0 * (self.rescale * ratio + (1.0 - self.rescale))
         return x, x0
 
@@ -149,6 +263,8 @@ class CFGPlusPlus:
 
     The returned state is alpha * x0_guided + sigma * eps_uncond = x + alpha * (x0_g - x0_u).
     Exact for first-order samplers (DDIM/Euler); other samplers step from the moved state.
+    CFG++ takes no statistics over a sample, so ``valid`` changes nothing here: both x0
+    estimates are 0 at padding, and so is the move.
     """
 
     scale: float = 0.6
@@ -160,7 +276,14 @@ class CFGPlusPlus:
             raise ValueError(f"guidance interval must be (low, high), got {self.interval}")
 
     def __call__(
-        self, predict: Predict, x: Tensor, level: Level, cond: Cond, uncond: Cond | None
+        self,
+        predict: Predict,
+        x: Tensor,
+        level: Level,
+        cond: Cond,
+        uncond: Cond | None,
+        *,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         if not _in_interval(level, self.interval):
             return x, predict(x, level, cond)

@@ -3,6 +3,13 @@
 ``diffusion_loss`` is the one loss every modality trains with: draw model times, noise the clean
 batch on the schedule, ask the model for its prediction (eps, x0, v or flow) and take a
 (weighted, masked) mean squared error against the exact target.
+
+Padded batches use the same ``valid`` keyword as :func:`polydiff.core.sample`, with the same
+meaning, so a modality writes the same thing in training and in sampling: the noisy input is
+exactly 0 at padding, the model gets ``valid=`` (see :func:`polydiff.core.guidance.valid_mask`)
+and padding adds nothing to the loss or its gradient. ``mask`` is only a loss mask (elements
+that exist but are not scored, e.g. a given first frame); ``valid=m`` scores exactly what
+``mask=m`` does.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .predictions import check_prediction, target, x0_error_scale
+from .guidance import valid_mask
+from .predictions import check_prediction, model_output, target, x0_error_scale
 from .schedules import Schedule, shift_time
 
 __all__ = ["TIME_DISTRIBUTIONS", "WEIGHTINGS", "diffusion_loss", "loss_weight", "sample_time"]
@@ -90,6 +98,7 @@ def diffusion_loss(
     prediction: str = "eps",
     cond: Mapping[str, Any] | None = None,
     mask: Tensor | None = None,
+    valid: Tensor | None = None,
     time_distribution: str = "uniform",
     weighting: str = "none",
     snr_gamma: float = 5.0,
@@ -101,13 +110,21 @@ def diffusion_loss(
     """The denoising loss on a clean batch.
 
     Args:
-        model: ``model(x_t, t, **cond)`` returning a tensor shaped like ``x0``.
+        model: ``model(x_t, t, **cond)`` returning a tensor shaped like ``x0`` (or an object
+            with a ``.sample`` tensor, or a tuple whose first item is the tensor:
+            :func:`~polydiff.core.predictions.model_output`).
         x0: (B, ...) clean samples.
         schedule: the noise schedule.
         prediction: the model's target: eps, x0, v or flow.
         cond: keyword inputs for the model (text tokens, masks...).
-        mask: broadcastable to ``x0``; 1/True marks real elements (padding is 0) so padded frames
-            or points add nothing to the loss. Each sample is averaged over its real elements.
+        mask: loss mask broadcastable to ``x0``; 1/True marks scored elements, so elements at 0
+            add nothing to the loss or the gradient. Each sample is averaged over its scored
+            elements. The model does not see it; for padding use ``valid``.
+        valid: padding mask broadcastable to ``x0``, bool or 0/1, 1 = real, exactly as in
+            :func:`polydiff.core.sample`: ``x_t`` is 0 at padding, the model is called as
+            ``model(x_t, t, **cond, valid=v)`` (a bool tensor with ``x0.ndim`` dims and the
+            batch of ``x0``; ``v[:, 0]`` is a DiT token mask for (B, C, T)) and padding is left
+            out of the loss like ``mask``. With both, elements count where both are 1.
         time_distribution, weighting, snr_gamma: see :func:`sample_time`, :func:`loss_weight`.
         t, noise: fixed model times (B,) and noise (like ``x0``) instead of random draws.
         reduction: ``mean`` (a scalar) or ``none`` (per-sample losses (B,)).
@@ -137,7 +154,15 @@ def diffusion_loss(
     sigma = _expand(schedule.sigma(tt), x0)
     x_t = alpha * x0 + sigma * noise
     goal = target(x0, noise, alpha, sigma, prediction)
-    out = model(x_t, t.to(torch.float32), **(cond or {}))
+    kwargs = dict(cond or {})
+    if valid is not None:
+        if "valid" in kwargs:
+            raise ValueError("pass the padding mask as valid=, not as a cond key 'valid'")
+        valid = valid_mask(valid, x0)
+        x_t = torch.where(valid, x_t, 0.0)  # the state sampling sees at padding
+        kwargs["valid"] = valid
+        mask = valid if mask is None else torch.broadcast_to(mask, x0.shape) * valid
+    out = model_output(model(x_t, t.to(torch.float32), **kwargs))
     if out.shape != x0.shape:
         raise ValueError(f"model output has shape {tuple(out.shape)}, expected {tuple(x0.shape)}")
     diff = out.float() - goal.float()

@@ -8,16 +8,26 @@ With ``x = alpha * x0 + sigma * eps`` the model may predict:
 - ``flow``: the rectified-flow velocity ``eps - x0`` (d x / d s on the path alpha = 1 - s).
 
 The conversions below are exact for any (alpha, sigma), not only variance-preserving ones.
+:func:`model_output` takes the tensor out of whatever a model returns (a tensor, a diffusers
+output object or a tuple); the samplers and the training loss both go through it.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["PREDICTIONS", "Prediction", "check_prediction", "target", "to_eps", "to_x0"]
+__all__ = [
+    "PREDICTIONS",
+    "Prediction",
+    "check_prediction",
+    "model_output",
+    "target",
+    "to_eps",
+    "to_x0",
+]
 
 Prediction = Literal["eps", "x0", "v", "flow"]
 PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v", "flow")
@@ -28,6 +38,29 @@ def check_prediction(prediction: str) -> str:
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
     return prediction
+
+
+def model_output(value: Any) -> Tensor:
+    """The prediction tensor in what a model returned.
+
+    Accepts a tensor (returned as is), an object with a ``.sample`` tensor attribute
+    (diffusers' ``UNet2DOutput`` / ``Transformer2DModelOutput`` and the like) or a tuple / list
+    whose first item is the tensor (diffusers' ``return_dict=False``).
+
+    Raises:
+        TypeError: anything else, naming the type.
+    """
+    if isinstance(value, Tensor):
+        return value
+    inner = getattr(value, "sample", None)
+    if isinstance(inner, Tensor):
+        return inner
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor):
+        return value[0]
+    raise TypeError(
+        f"the model returned {type(value).__name__}; expected a tensor, an object with a "
+        "`.sample` tensor (diffusers' UNet2DOutput) or a tuple whose first item is the tensor"
+    )
 
 
 def to_x0(output: Tensor, x: Tensor, alpha: float, sigma: float, prediction: str) -> Tensor:

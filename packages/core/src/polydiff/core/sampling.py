@@ -12,6 +12,9 @@ first-order step is DDIM, which is also Euler for both VP (in sigma/alpha) and f
 ancestral (step deterministically to a lower noise level, then add fresh noise back up to the
 next level, with DDIM's eta scale). ``dpmpp_2m_sde`` uses eta in its SDE update and ``lcm`` as
 the fraction of fresh noise it renoises with.
+
+Padded batches (``valid``) need nothing from the update rules either: the start, the fresh noise
+and every x0 estimate are exactly 0 at padding, so every linear combination a sampler forms is.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import torch
 from torch import Tensor
 
 from . import schedules as _schedules
-from .guidance import Guider, NoGuidance, as_guider
-from .predictions import check_prediction, to_x0
+from .guidance import Guider, NoGuidance, as_guider, broadcast_cond, valid_mask
+from .predictions import check_prediction, model_output, to_x0
 from .schedules import CLEAN, Level, Schedule
 
 __all__ = [
@@ -458,6 +461,7 @@ def _make_denoiser(
     clip_x0: float | None,
     known: tuple[Tensor, Tensor, Tensor] | None,
     callback: Callable[[int, float, Tensor, Tensor], None] | None,
+    valid: Tensor | None = None,
 ) -> Denoise:
     # The model times of the grid, made in one go: a per-step tensor costs as much as a
     # sampler update on small latents.
@@ -478,6 +482,21 @@ def _make_denoiser(
                 )
         return times[key]
 
+    # The valid mask at every batch size the model is called with: guiders stack copies of
+    # the state (CFG: [x, x]), so the mask is repeated the same way.
+    valid_at: dict[int, Tensor] = {} if valid is None else {valid.shape[0]: valid}
+
+    def valid_for(n: int) -> Tensor:
+        assert valid is not None
+        if n not in valid_at:
+            base = valid.shape[0]
+            if n % base:
+                raise ValueError(
+                    f"a guider called the model with batch {n}, not a multiple of {base}"
+                )
+            valid_at[n] = valid.repeat(n // base, *([1] * (valid.ndim - 1)))
+        return valid_at[n]
+
     def predict(x: Tensor, level: Level, batch_cond: Mapping[str, Any]) -> Tensor:
         t = times.get((level.t, x.shape[0]))
         if t is None:
@@ -485,13 +504,17 @@ def _make_denoiser(
         scale = level.model_scale
         if scale != 1.0:
             x = x * scale
-        return to_x0(
-            model(x, t, **batch_cond), x, level.alpha * scale, level.sigma * scale, prediction
-        )
+        alpha, sigma = level.alpha * scale, level.sigma * scale
+        if valid is None:
+            return to_x0(model_output(model(x, t, **batch_cond)), x, alpha, sigma, prediction)
+        v = valid_for(x.shape[0])
+        out = model_output(model(x, t, **batch_cond, valid=v))
+        return torch.where(v, to_x0(out, x, alpha, sigma, prediction), 0.0)
 
     levels = grid.levels
     unguided = isinstance(guider, NoGuidance)
     batch_cond = dict(cond)
+    guider_kwargs = {} if valid is None else {"valid": valid}
 
     def denoise(x: Tensor, i: int, level: Level | None = None) -> tuple[Tensor, Tensor]:
         level = levels[i] if level is None else level
@@ -508,7 +531,9 @@ def _make_denoiser(
         if unguided:  # the common case, without a guider call in the per-step path
             x0 = predict(x, level, batch_cond)
         else:
-            x, x0 = guider(predict, x, level, cond, uncond)
+            x, x0 = guider(predict, x, level, cond, uncond, **guider_kwargs)
+            if valid is not None:  # whatever a guider does, padding stays exactly 0
+                x, x0 = torch.where(valid, x, 0.0), torch.where(valid, x0, 0.0)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
         if known is not None:
@@ -554,6 +579,7 @@ def sample(
     init: Tensor | None = None,
     strength: float = 1.0,
     mask: Tensor | None = None,
+    valid: Tensor | None = None,
     clip_x0: float | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[int, float, Tensor, Tensor], None] | None = None,
@@ -562,7 +588,10 @@ def sample(
 
     Args:
         model: ``model(x, t, **cond) -> Tensor`` shaped like ``x``; ``t`` is a float tensor (B,)
-            in model time (DDPM timestep for VP schedules, 1000 * sigma for flow).
+            in model time (DDPM timestep for VP schedules, 1000 * sigma for flow). The model
+            may also return an object with a ``.sample`` tensor (diffusers' UNet2DOutput) or a
+            tuple whose first item is the tensor (:func:`~polydiff.core.predictions.model_output`).
+            With ``valid`` it is called as ``model(x, t, **cond, valid=v)`` (see ``valid``).
         noise: (B, ...) standard normal noise; also fixes the output shape.
         schedule: a :mod:`polydiff.core.schedules` schedule.
         sampler: one of ``SAMPLERS``: ddpm ddim euler euler_ancestral heun dpmpp_2m
@@ -574,10 +603,21 @@ def sample(
         eta: stochasticity (default: the sampler's own; 0 = probability-flow ODE).
         guidance: a CFG scale or a guider (:mod:`polydiff.core.guidance`).
         cond, uncond: keyword inputs of the model for the conditional and the unconditional
-            (null or negative) branch; tensors are batched together for guidance.
+            (null or negative) branch; tensors are batch-first, batch-1 tensors of either are
+            expanded to the batch of ``noise``, and both are batched together for guidance.
         init, strength: img2img: start from ``init`` noised to the level ``strength`` of the
             way up the grid (1 = pure noise), running the last ``round(steps * strength)`` steps.
         mask: inpainting mask broadcastable to ``noise``; 1 = generate, 0 = keep ``init``.
+        valid: padding mask broadcastable to ``noise``, bool or 0/1; 1 = real, 0 = padding
+            (e.g. (B, 1, T) for (B, C, T) motion). The state is exactly 0 at padding at every
+            step, the start and the ancestral noise included, and so is the output (``init``
+            and ``noise`` there are ignored). The model then gets the keyword ``valid``: a bool
+            tensor with ``x.ndim`` dims, the batch of the call (repeated for guidance's
+            [cond, uncond] batch) and the given sizes elsewhere (1 where it broadcasts), so
+            ``valid[:, 0]`` is a (B, T) token mask for :class:`~polydiff.core.blocks.DiT`'s
+            ``mask``; a model that honours it makes real positions independent of padding.
+            Guiders get it too (CFG's rescale takes its statistics over valid positions).
+            Without ``valid`` the model is called exactly as before (no ``valid`` keyword).
         clip_x0: clamp x0 estimates to [-clip_x0, clip_x0] (pixel-space models).
         generator: random generator for the ancestral noise.
         callback: ``callback(step, t, x, x0)`` after every model evaluation.
@@ -594,9 +634,14 @@ def sample(
     guider = as_guider(guidance)
     if mask is not None and init is None:
         raise ValueError("inpainting needs init (the image to keep) as well as mask")
+    cond, uncond = _conditioning(cond, uncond, noise.shape[0], valid)
+    if init is not None and init.shape != noise.shape:
+        raise ValueError(f"init has shape {tuple(init.shape)}, noise {tuple(noise.shape)}")
+    if valid is not None:
+        valid = valid_mask(valid, noise)
+        noise = torch.where(valid, noise, 0.0)
+        init = None if init is None else torch.where(valid, init, 0.0)
     if init is not None:
-        if init.shape != noise.shape:
-            raise ValueError(f"init has shape {tuple(init.shape)}, noise {tuple(noise.shape)}")
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         keep_steps = min(round(grid.steps * strength), grid.steps)
@@ -621,20 +666,34 @@ def sample(
             generator=gen,
             dtype=like.dtype,
             device=gen.device if gen is not None else device,
-        )
-        return draw.to(like.device)
+        ).to(like.device)
+        return draw if valid is None else torch.where(valid, draw, 0.0)
 
     order_kwargs = {}
     if spec.guided_order is not None and _is_guided(guider, uncond):
         order_kwargs["order"] = spec.guided_order
     denoise = _make_denoiser(
-        model, prediction, guider, cond or {}, uncond, grid, clip_x0, known, callback
+        model, prediction, guider, cond, uncond, grid, clip_x0, known, callback, valid
     )
     run = functools.partial(spec.run, **order_kwargs) if order_kwargs else spec.run
     out = run(denoise, x, grid, spec.eta if eta is None else float(eta), fresh_noise)
     if not math.isfinite(out.sum().item()):
         raise FloatingPointError(f"sampler output is not finite after step {grid.steps - 1}")
     return out
+
+
+def _conditioning(
+    cond: Mapping[str, Any] | None,
+    uncond: Mapping[str, Any] | None,
+    batch: int,
+    valid: Tensor | None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """cond and uncond with batch-1 tensors expanded to ``batch`` (checked once, up front)."""
+    cond = broadcast_cond(cond or {}, batch, name="cond")
+    uncond = None if uncond is None else broadcast_cond(uncond, batch, name="uncond")
+    if valid is not None and ("valid" in cond or (uncond is not None and "valid" in uncond)):
+        raise ValueError("pass the padding mask as valid=, not as a cond / uncond key 'valid'")
+    return cond, uncond
 
 
 def _is_guided(guider: Guider, uncond: Mapping[str, Any] | None) -> bool:
@@ -657,6 +716,7 @@ def invert(
     guidance: float | Guider | None = None,
     cond: Mapping[str, Any] | None = None,
     uncond: Mapping[str, Any] | None = None,
+    valid: Tensor | None = None,
     callback: Callable[[int, float, Tensor, Tensor], None] | None = None,
 ) -> Tensor:
     """Deterministic DDIM inversion: the noise that ``sample(..., sampler="ddim")`` with the same
@@ -664,13 +724,19 @@ def invert(
 
     Walks the sampling grid backwards; each step predicts the noise at the noisier level from the
     current state (the usual approximation), so the round trip is exact only as steps grow.
+    ``valid`` and batch-1 ``cond``/``uncond`` work as in :func:`sample` (the returned noise is
+    0 at padding).
 
     Returns:
         (B, ...) noise, scaled so that :func:`sample` starts from the inverted state.
     """
     grid = _prepare(schedule, "ddim", steps, prediction, spacing, timesteps, shift)
+    cond, uncond = _conditioning(cond, uncond, x0.shape[0], valid)
+    if valid is not None:
+        valid = valid_mask(valid, x0)
+        x0 = torch.where(valid, x0, 0.0)
     denoise = _make_denoiser(
-        model, prediction, as_guider(guidance), cond or {}, uncond, grid, None, None, callback
+        model, prediction, as_guider(guidance), cond, uncond, grid, None, None, callback, valid
     )
     x = x0
     for i in range(grid.steps - 1, -1, -1):
