@@ -159,6 +159,24 @@ def test_skips_are_counted_by_reason_and_reported_never_dropped_silently(tmp_pat
     assert "shard-000000.tar: 3 samples" in report
 
 
+def test_progress_shows_written_and_skipped_samples_on_stderr(tmp_path, capsys):
+    samples = [*make_samples(0, 4), Skip("cat.png", "unreadable image")]
+    summary = write_shards(samples, tmp_path / "a", progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    last = captured.err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "writing shards" in last and "5/5" in last  # a list: its length is the total
+    assert "written=4" in last and "skipped=1" in last
+    quiet = write_shards(iter(samples), tmp_path / "b", progress=False)
+    assert capsys.readouterr() == ("", "")
+    assert quiet.report() == summary.report().replace(str(tmp_path / "a"), str(tmp_path / "b"))
+
+
+def test_progress_is_hidden_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    write_shards(make_samples(0, 3), tmp_path)  # pytest's captured stderr is no terminal
+    assert capsys.readouterr() == ("", "")
+
+
 def test_empty_input_returns_a_summary_and_writes_no_shard(tmp_path):
     summary = write_shards([Skip("a.png", "unreadable image")], tmp_path / "out")
     assert summary.written == 0 and summary.shards == []

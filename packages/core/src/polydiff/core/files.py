@@ -1,4 +1,7 @@
-"""Where generated samples go: the ``--out FILE --num N`` naming rule every modality shares."""
+"""Where generated samples go: the ``--out FILE --num N`` naming rule every modality shares.
+
+:func:`polydiff.core.provenance.check_output` checks these paths before sampling, and
+:func:`polydiff.core.provenance.atomic_output` writes them."""
 
 from __future__ import annotations
 

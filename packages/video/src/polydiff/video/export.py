@@ -4,20 +4,28 @@ and animated GIF.
 MP4s are ``yuv420p`` (the pixel format browsers and QuickTime play) with the ``moov`` atom at
 the front (``movflags=faststart``) so a browser can start playing before the whole file
 arrives. 4:2:0 needs even sides, so odd-sized frames are padded by one edge pixel.
+
+Given a provenance record (:mod:`polydiff.core.provenance`), an MP4 carries it as one line of
+JSON in the container's ``comment`` tag (``av.open(p).metadata["comment"]``; ffprobe shows it
+under ``format.tags.comment``), a GIF in its comment extension (``Image.open(p).info
+["comment"]``), and both get the sidecar ``<name>.mp4.json`` / ``<name>.gif.json``. Every file
+is written beside its target and renamed into place
+(:func:`polydiff.core.provenance.atomic_output`), with the user's normal permissions.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from polydiff.core.files import output_paths as core_output_paths
+from polydiff.core.pixels import to_uint8
+from polydiff.core.provenance import atomic_output, check_output, record_json, write_sidecar
 
 __all__ = [
     "VIDEO_OUTPUT_SUFFIXES",
@@ -44,24 +52,31 @@ def to_uint8_frames(video: Tensor | np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(video)
     if video.ndim != 4 or video.shape[0] not in (1, 3):
         raise ValueError(f"expected a (C, T, H, W) video with C = 1 or 3, got {tuple(video.shape)}")
-    pixels = ((video.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    frames = pixels.permute(1, 2, 3, 0).cpu().numpy()
+    frames = to_uint8(video).permute(1, 2, 3, 0).numpy()
     if frames.shape[-1] == 1:
         frames = np.repeat(frames, 3, axis=-1)
     return np.ascontiguousarray(frames)
 
 
-def write_mp4(video: Tensor | np.ndarray, path: str | Path, fps: float, crf: int = 17) -> Path:
+def write_mp4(
+    video: Tensor | np.ndarray,
+    path: str | Path,
+    fps: float,
+    crf: int = 17,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
     """Encode a video as H.264 MP4 at ``fps`` frames per second.
 
     Args:
         video: see :func:`to_uint8_frames`. path: output file (parent folders are created).
         fps: frames per second (> 0). crf: x264 quality (0 = lossless .. 51; 17 is visually
             lossless, which keeps the colours of small synthetic clips exact enough to learn).
+        metadata: a provenance record: stored as JSON in the ``comment`` tag and written as
+            the sidecar ``<name>.mp4.json``; ``None`` (shards, previews) stores nothing.
 
     Returns:
         ``path``. The file is written next to its target and renamed into place, so a crash
-        never leaves a truncated MP4 behind.
+        never leaves a truncated MP4 behind; it is as readable as any file the user writes.
     """
     from fractions import Fraction
 
@@ -74,24 +89,22 @@ def write_mp4(video: Tensor | np.ndarray, path: str | Path, fps: float, crf: int
         pad = ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0))
         frames = np.pad(frames, pad, mode="edge")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(suffix=".mp4", dir=path.parent, prefix=f".{path.stem}.")
-    os.close(handle)
-    try:
-        # faststart rewrites the file to move the index to the front, so it needs a real path.
-        with av.open(tmp, mode="w", format="mp4", options={"movflags": "faststart"}) as out:
-            stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height = frames.shape[2], frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf), "preset": "medium"}
-            for frame in frames:
-                out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            out.mux(stream.encode())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a video is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # faststart rewrites the file to move the index to the front, so it needs a real path.
+    with (
+        atomic_output(path) as tmp,
+        av.open(str(tmp), mode="w", format="mp4", options={"movflags": "faststart"}) as out,
+    ):
+        if metadata is not None:
+            out.metadata["comment"] = record_json(metadata)
+        stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "medium"}
+        for frame in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+    if metadata is not None:
+        write_sidecar(path, metadata)
     return path
 
 
@@ -101,42 +114,89 @@ def encode_mp4(video: Tensor | np.ndarray, fps: float, crf: int = 17) -> bytes:
         return write_mp4(video, Path(folder) / "clip.mp4", fps, crf).read_bytes()
 
 
-def write_gif(video: Tensor | np.ndarray, path: str | Path, fps: float) -> Path:
-    """Write an endlessly looping animated GIF (frame time rounded to 10 ms, GIF's unit)."""
+def write_gif(
+    video: Tensor | np.ndarray,
+    path: str | Path,
+    fps: float,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write an endlessly looping animated GIF (frame time rounded to 10 ms, GIF's unit),
+    atomically; ``metadata`` (a provenance record) goes into the GIF comment as JSON and into
+    the sidecar ``<name>.gif.json``."""
     from PIL import Image
 
     frames = to_uint8_frames(video)
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     images = [Image.fromarray(f) for f in frames]
     duration = max(20, round(100.0 / fps) * 10)  # browsers slow frames under 20 ms down
-    images[0].save(
-        path, save_all=True, append_images=images[1:], duration=duration, loop=0, optimize=False
-    )
+    extra = {} if metadata is None else {"comment": record_json(metadata).encode("utf-8")}
+    with atomic_output(path) as tmp:
+        images[0].save(
+            tmp,
+            format="GIF",
+            save_all=True,
+            append_images=images[1:],
+            duration=duration,
+            loop=0,
+            optimize=False,
+            **extra,
+        )
+    if metadata is not None:
+        write_sidecar(path, metadata)
     return path
 
 
 def output_paths(out: str | Path, num: int) -> list[Path]:
     """The files ``--out FILE --num N`` writes (``.mp4`` when ``out`` has no suffix); see
     :func:`polydiff.core.files.output_paths`."""
-    return core_output_paths(out, num, ".mp4")
+    return core_output_paths(out, num, VIDEO_OUTPUT_SUFFIXES[0])
 
 
-def save_videos(videos: Sequence[Tensor | np.ndarray], out: str | Path, fps: float) -> list[Path]:
-    """Save videos as MP4 or GIF (by the suffix of ``out``) under the ``--num`` naming rule.
+def save_videos(
+    videos: Sequence[Tensor | np.ndarray],
+    paths: Sequence[str | Path] | str | Path,
+    fps: float,
+    metadata: Sequence[Mapping[str, Any]] | None = None,
+) -> list[Path]:
+    """Save videos as MP4 or GIF (by each path's suffix), each with its provenance record.
+
+    Args:
+        videos: the videos, in output order (see :func:`to_uint8_frames`).
+        paths: one ``.mp4`` / ``.gif`` path per video (what
+            :func:`polydiff.core.provenance.check_output` returns), or a single ``--out`` FILE,
+            expanded by the ``--num`` naming rule (``FILE_0.mp4`` ...) to ``len(videos)`` files.
+        fps: frames per second. metadata: one provenance record per video (embedded and
+            written as sidecar), or ``None`` for bare files without sidecars.
 
     Raises:
-        ValueError: no videos, or a suffix other than .mp4 / .gif.
+        ValueError: no videos, counts that do not match, or a suffix other than .mp4 / .gif;
+            raised before any file is written.
     """
     if not videos:
         raise ValueError("no videos to save")
-    paths = output_paths(out, len(videos))
-    suffix = paths[0].suffix.lower()
-    if suffix not in VIDEO_OUTPUT_SUFFIXES:
-        raise ValueError(
-            f"cannot write {suffix!r} videos; use one of {', '.join(VIDEO_OUTPUT_SUFFIXES)}"
-        )
-    writer = write_mp4 if suffix == ".mp4" else write_gif
-    return [writer(video, path, fps) for video, path in zip(videos, paths, strict=True)]
+    records: list[Mapping[str, Any] | None] = (
+        [None] * len(videos) if metadata is None else list(metadata)
+    )
+    if len(records) != len(videos):
+        raise ValueError(f"got {len(records)} metadata records for {len(videos)} videos")
+    single = isinstance(paths, str | Path)
+    targets = output_paths(paths, len(videos)) if single else [Path(p) for p in paths]
+    if len(targets) != len(videos):
+        raise ValueError(f"got {len(targets)} paths for {len(videos)} videos")
+    for target in targets:
+        if target.suffix.lower() not in VIDEO_OUTPUT_SUFFIXES:
+            raise ValueError(
+                f"cannot write {target.suffix!r} videos; use one of "
+                + ", ".join(VIDEO_OUTPUT_SUFFIXES)
+            )
+    if single:
+        check_output(paths, VIDEO_OUTPUT_SUFFIXES, len(videos))  # folders: exist, writable
+    written = []
+    for video, target, record in zip(videos, targets, records, strict=True):
+        if target.suffix.lower() == ".mp4":
+            written.append(write_mp4(video, target, fps, metadata=record))
+        else:
+            written.append(write_gif(video, target, fps, metadata=record))
+    return written

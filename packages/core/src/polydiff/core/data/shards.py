@@ -14,8 +14,9 @@ import json
 import logging
 import os
 import re
+import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from urllib.request import url2pathname
 
 import braceexpand
 import webdataset as wds
+from tqdm import tqdm
 
 __all__ = [
     "INDEX_NAME",
@@ -102,6 +104,7 @@ def write_shards(
     prefix: str = "shard",
     meta: dict[str, Any] | None = None,
     overwrite: bool = False,
+    progress: bool | None = None,
 ) -> ShardSummary:
     """Write samples into ``<out_dir>/<prefix>-000000.tar, ...`` with ``webdataset.ShardWriter``.
 
@@ -117,10 +120,13 @@ def write_shards(
         overwrite: replace existing ``<prefix>-*.tar`` shards and ``index.json`` in
             ``out_dir``; without it they raise ``FileExistsError`` (mixing old and new shards
             would silently change the data set).
+        progress: a tqdm progress bar on stderr counting the inputs, with the samples
+            written and skipped so far (total when ``samples`` has a length); ``None`` shows
+            it only when stderr is a terminal, ``False`` never.
 
     Returns:
-        The summary; nothing is printed (``summary.report()`` is the text). With no sample
-        written, no shard and no ``index.json`` are written.
+        The summary; nothing else is printed (``summary.report()`` is the text). With no
+        sample written, no shard and no ``index.json`` are written.
 
     A sample whose ``__key__`` repeats an earlier one, or contains a ``.`` (webdataset splits
     member names at the first dot, so the sample would come apart on reading), is skipped
@@ -154,39 +160,58 @@ def write_shards(
         skipped[reason] += 1
         skipped_keys.append((key, reason))
 
+    def add(item: Mapping[str, Any] | Skip) -> None:
+        nonlocal writer
+        if isinstance(item, Skip):
+            skip(item.key, item.reason)
+            return
+        if not isinstance(item, Mapping):
+            raise TypeError(
+                f"write_shards expects sample dicts or Skip records, got {type(item).__name__}"
+            )
+        key = item.get("__key__")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"sample has no string __key__: fields {sorted(item)}")
+        if "." in key:
+            skip(key, "key contains '.'")
+            return
+        if key in keys:
+            skip(key, "duplicate key")
+            return
+        keys.add(key)
+        if writer is None:
+            # Opened lazily: ShardWriter creates its first tar file immediately, and an
+            # empty input must not leave an empty shard behind.
+            out.mkdir(parents=True, exist_ok=True)
+            # mtime=0 makes the tar bytes a function of the samples alone (reproducible).
+            writer = wds.ShardWriter(
+                pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=0
+            )
+        try:
+            writer.write(dict(item))
+        except ValueError as exc:
+            raise ValueError(f"sample {key!r} cannot be written: {exc}") from exc
+        counts[writer.fname] = counts.get(writer.fname, 0) + 1
+
+    # On stderr, and only on a terminal by default (tqdm's disable=None), so pipes, logs and
+    # the summary a CLI prints stay as they were.
+    bar = tqdm(
+        total=len(samples) if isinstance(samples, Sized) else None,
+        desc="writing shards",
+        unit="sample",
+        disable=None if progress is None else not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     try:
         for item in samples:
-            if isinstance(item, Skip):
-                skip(item.key, item.reason)
-                continue
-            if not isinstance(item, Mapping):
-                raise TypeError(
-                    f"write_shards expects sample dicts or Skip records, got {type(item).__name__}"
-                )
-            key = item.get("__key__")
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"sample has no string __key__: fields {sorted(item)}")
-            if "." in key:
-                skip(key, "key contains '.'")
-                continue
-            if key in keys:
-                skip(key, "duplicate key")
-                continue
-            keys.add(key)
-            if writer is None:
-                # Opened lazily: ShardWriter creates its first tar file immediately, and an
-                # empty input must not leave an empty shard behind.
-                out.mkdir(parents=True, exist_ok=True)
-                # mtime=0 makes the tar bytes a function of the samples alone (reproducible).
-                writer = wds.ShardWriter(
-                    pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=0
-                )
-            try:
-                writer.write(dict(item))
-            except ValueError as exc:
-                raise ValueError(f"sample {key!r} cannot be written: {exc}") from exc
-            counts[writer.fname] = counts.get(writer.fname, 0) + 1
+            add(item)
+            if not bar.disable:
+                so_far = sum(counts.values())
+                bar.set_postfix(written=so_far, skipped=len(skipped_keys), refresh=False)
+                bar.update()
     finally:
+        bar.close()
         if writer is not None:
             writer.close()
 
