@@ -2,8 +2,8 @@
 
 A config has five top-level sections (see ``KEYS`` below for every key and its default)::
 
-    modality: image                      # a recipe name (entry point) or "module:Class"
-    model: {...}                         # the recipe's model config (the recipe validates it)
+    modality: image                      # a modality name (entry point) or "module:Class"
+    model: {...}                         # the modality's model config (its schema checks it)
     data: {shards: data/digits, ...}     # where the shards are and how to read them
     train: {max_steps: 2000, batch_size: 32, lr: 3.0e-4, ...}
     deepspeed: shared/configs/deepspeed/zero2_bf16.json   # a JSON file or an inline mapping
@@ -13,25 +13,41 @@ naming the key as a dotted path (``train.batch_size``). The YAML is the one sour
 for the batch: the DeepSpeed JSON must leave ``train_micro_batch_size_per_gpu``,
 ``gradient_accumulation_steps``, ``gradient_clipping`` and ``train_batch_size`` out (or set
 them to ``"auto"``); :meth:`TrainConfig.deepspeed_config` fills them from ``train``.
+
+A modality that trains several parts with their own optimizers (``Modality.parts``) may give
+each part its own optimizer settings; the others come from ``train``::
+
+    train:
+      lr: 2.0e-4
+      parts:
+        discriminator: {lr: 1.0e-4, betas: [0.0, 0.99]}   # PART_KEYS; see OptimConfig.for_part
+
+The ``data`` and ``train`` sections are pydantic dataclasses (:class:`DataConfig`,
+:class:`OptimConfig`); ``model`` is checked by the modality's own schema.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
 import yaml
+from pydantic import ConfigDict, Field, PlainValidator, field_validator, model_validator
+from pydantic.dataclasses import dataclass
 
-from .recipe import ConfigError, load_recipe
+from ..modality.contract import ConfigError, load_modality
+from ..modality.schema import Issue, ModelSchema, Problem, describe, known_keys
 
 __all__ = [
     "DECAYS",
     "KEYS",
+    "PART_KEYS",
     "ConfigError",
     "DataConfig",
     "OptimConfig",
@@ -39,45 +55,12 @@ __all__ = [
     "cli_overrides",
     "load_config",
     "resolve_deepspeed_path",
+    "schema_table",
 ]
 
 DECAYS: tuple[str, ...] = ("cosine", "linear", "constant")
-_REQUIRED = object()  # marks a key without a default
+_REQUIRED = object()  # marks a key without a default (in KEYS)
 
-# Every key of the ``data`` and ``train`` sections: (default, meaning). Kept next to the
-# dataclasses below (a test checks they agree) so the documented table is generated from here.
-KEYS: dict[str, dict[str, tuple[Any, str]]] = {
-    "data": {
-        "shards": (None, "shard spec: folder, brace pattern, list or URL (or --data)"),
-        "num_workers": (0, "DataLoader worker processes per rank that decode samples"),
-        "shuffle_buffer": (256, "samples in the shuffle buffer"),
-        "max_bad_fraction": (0.05, "fail when more than this fraction of samples is corrupt"),
-        "allow_pipe": (False, "allow `pipe:` shard URLs (they run shell commands)"),
-    },
-    "train": {
-        "max_steps": (_REQUIRED, "optimizer steps to train for (--max-steps)"),
-        "batch_size": (_REQUIRED, "micro-batch per process"),
-        "lr": (_REQUIRED, "peak learning rate (AdamW)"),
-        "grad_accum": (1, "micro-batches per optimizer step"),
-        "min_lr": (0.0, "learning rate at the end of the decay"),
-        "warmup_steps": (0, "linear warm-up from 0 to lr over this many steps"),
-        "lr_decay": ("cosine", "decay after the warm-up: cosine, linear or constant"),
-        "decay_steps": (None, "step at which the decay reaches min_lr (null: max_steps)"),
-        "weight_decay": (0.0, "AdamW weight decay (matrices only, not biases/norms)"),
-        "betas": ([0.9, 0.999], "AdamW betas"),
-        "adam_eps": (1e-8, "AdamW epsilon"),
-        "grad_clip": (1.0, "clip the global gradient norm (0: off)"),
-        "ema_decay": (0.999, "EMA decay after its warm-up"),
-        "ema_warmup_steps": (10, "EMA warm-up in updates (0: constant decay)"),
-        "gradient_checkpointing": (None, "null: the model config decides; true/false: set it"),
-        "seed": (0, "seeds model init, data order, noise"),
-        "log_every": (10, "steps between metrics.jsonl lines"),
-        "preview_every": (500, "steps between previews (0: only at the end)"),
-        "checkpoint_every": (500, "steps between checkpoints (0: only at the end)"),
-        "keep_checkpoints": (2, "complete checkpoints kept (0: keep all)"),
-        "out": (None, "output folder (--out; null: runs/<config file name>)"),
-    },
-}
 _TOP_KEYS = ("modality", "model", "data", "train", "deepspeed")
 _REQUIRED_TOP = ("modality", "model", "train", "deepspeed")
 # DeepSpeed keys the YAML owns, with the train key that sets them.
@@ -94,54 +77,289 @@ _OWNED_BY_TRAINER = {
 }
 
 
-@dataclass(frozen=True)
-class DataConfig:
+# --- value types: what YAML may spell (messages complete "train.lr in <file> ...") ---------
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Problem(f"must be an integer, got {value!r}")
+    return value
+
+
+def _number(value: Any) -> float:
+    # PyYAML reads `1e-4` (no dot) as a string, so numeric strings are accepted.
+    if isinstance(value, bool):
+        raise Problem(f"must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise Problem(f"must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise Problem(f"must be finite, got {value!r}")
+    return number
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise Problem(f"must be true or false, got {value!r}")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Problem(f"must be a string, got {value!r}")
+    return value
+
+
+def _betas(value: Any) -> tuple[float, float]:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise Problem(f"must be a list of two numbers, got {value!r}")
+    return _number(value[0]), _number(value[1])
+
+
+def _shards(value: Any) -> str | list[str]:
+    if isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(v, str) for v in value)
+    ):
+        return value
+    raise Problem("must be a string or a list of strings")
+
+
+Int = Annotated[int, PlainValidator(_integer)]
+Float = Annotated[float, PlainValidator(_number)]
+Bool = Annotated[bool, PlainValidator(_flag)]
+Str = Annotated[str, PlainValidator(_text)]
+Betas = Annotated[tuple[float, float], PlainValidator(_betas)]
+Shards = Annotated[str | list[str], PlainValidator(_shards)]
+
+
+def _doc(meaning: str) -> Any:
+    """A key's meaning, as documented in ``KEYS`` and :func:`schema_table`."""
+    return Field(description=meaning)
+
+
+# Range checks after the types, in order: key -> (what it must be, test(value, section)).
+# ``{lr}`` / ``{warmup_steps}`` name the key that bounds it (the part's own, or train's).
+_RULES: dict[str, tuple[str, Callable[[Any, Mapping[str, Any]], bool]]] = {
+    "max_steps": (">= 1", lambda v, _: v >= 1),
+    "batch_size": (">= 1", lambda v, _: v >= 1),
+    "grad_accum": (">= 1", lambda v, _: v >= 1),
+    "lr": ("> 0", lambda v, _: v > 0),
+    "min_lr": ("in [0, {lr}]", lambda v, t: 0 <= v <= t["lr"]),
+    "warmup_steps": (">= 0", lambda v, _: v >= 0),
+    "lr_decay": (f"one of {', '.join(DECAYS)}", lambda v, _: v in DECAYS),
+    "decay_steps": ("> {warmup_steps}", lambda v, t: v is None or v > t["warmup_steps"]),
+    "weight_decay": (">= 0", lambda v, _: v >= 0),
+    "betas": ("in [0, 1)", lambda v, _: all(0 <= b < 1 for b in v)),
+    "adam_eps": ("> 0", lambda v, _: v > 0),
+    "grad_clip": (">= 0 (0: off)", lambda v, _: v >= 0),
+    "ema_decay": ("in [0, 1)", lambda v, _: 0 <= v < 1),
+    "ema_warmup_steps": (">= 0", lambda v, _: v >= 0),
+    "seed": (">= 0", lambda v, _: v >= 0),
+    "log_every": (">= 1", lambda v, _: v >= 1),
+    "preview_every": (">= 0", lambda v, _: v >= 0),
+    "checkpoint_every": (">= 0", lambda v, _: v >= 0),
+    "keep_checkpoints": (">= 0", lambda v, _: v >= 0),
+    "num_workers": (">= 0", lambda v, _: v >= 0),
+    "shuffle_buffer": (">= 0", lambda v, _: v >= 0),
+    "max_bad_fraction": ("in [0, 1]", lambda v, _: 0 <= v <= 1),
+    "shards": ("non-empty", lambda v, _: v is None or len(v) > 0),
+}
+
+
+def _check_ranges(values: Mapping[str, Any], given: Mapping[str, Any], prefix: str = "") -> None:
+    """Apply ``_RULES`` to the keys of ``given`` (with ``values`` their section, ``prefix``
+    where ``given`` sits in it: ``parts.<name>.`` for a part)."""
+
+    def owner(key: str) -> str:
+        return f"train.{prefix}{key}" if key in given else f"train.{key}"
+
+    names = {"lr": owner("lr"), "warmup_steps": owner("warmup_steps")}
+    for key, (what, ok) in _RULES.items():
+        if key in given and not ok(values[key], values):
+            value = values[key]
+            shown = list(value) if isinstance(value, tuple) else value
+            raise Problem(f"must be {what.format(**names)}, got {shown!r}", f"{prefix}{key}")
+
+
+_SECTION_CONFIG = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, config=_SECTION_CONFIG)
+class _Section:
+    """Refuses unknown keys of a mapping (as ``UnknownKeys``) and checks value ranges."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):  # (keyword arguments reach the dataclass as they are)
+            known_keys(data, cls.__dataclass_fields__)
+        return data
+
+    @model_validator(mode="after")
+    def _in_range(self) -> Any:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        _check_ranges(values, values)
+        return self
+
+
+@dataclass(frozen=True, config=_SECTION_CONFIG)
+class DataConfig(_Section):
     """The ``data:`` section: which shards to stream and how (see ``KEYS["data"]``)."""
 
-    shards: str | list[str] | None = None
-    num_workers: int = 0
-    shuffle_buffer: int = 256
-    max_bad_fraction: float = 0.05
-    allow_pipe: bool = False
+    shards: Annotated[
+        Shards | None, _doc("shard spec: folder, brace pattern, list or URL (or --data)")
+    ] = None
+    num_workers: Annotated[
+        Int, _doc("DataLoader worker processes per rank that decode samples")
+    ] = 0
+    shuffle_buffer: Annotated[Int, _doc("samples in the shuffle buffer")] = 256
+    max_bad_fraction: Annotated[
+        Float, _doc("fail when more than this fraction of samples is corrupt")
+    ] = 0.05
+    allow_pipe: Annotated[Bool, _doc("allow `pipe:` shard URLs (they run shell commands)")] = False
 
 
-@dataclass(frozen=True)
-class OptimConfig:
+class _PartSettings(ModelSchema):
+    """One ``train.parts.<name>`` entry: the optimizer settings that part overrides."""
+
+    lr: Float | None = None
+    min_lr: Float | None = None
+    warmup_steps: Int | None = None
+    lr_decay: Str | None = None
+    decay_steps: Int | None = None
+    weight_decay: Float | None = None
+    betas: Betas | None = None
+    adam_eps: Float | None = None
+    grad_clip: Float | None = None
+
+    @classmethod
+    def prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
+        for key, value in data.items():
+            if value is None and key != "decay_steps":  # null decay_steps: the part's max_steps
+                raise Problem(f"must be set (leave it out to use train.{key}), got None", key)
+        return data
+
+
+#: The ``train`` keys a part may override (``train.parts.<name>.<key>``).
+PART_KEYS: tuple[str, ...] = tuple(_PartSettings.model_fields)
+_PARTS = pydantic.TypeAdapter(dict[str, _PartSettings])
+
+
+@dataclass(frozen=True, config=_SECTION_CONFIG)
+class OptimConfig(_Section):
     """The ``train:`` section: optimisation, schedule, EMA, logging and checkpoint cadence.
 
     Steps count optimizer steps; one step consumes ``grad_accum`` micro-batches of
-    ``batch_size`` samples on every process.
+    ``batch_size`` samples on every process. ``parts`` maps a part name to the settings it
+    overrides (only the keys given, checked as the train keys are); :meth:`for_part` applies
+    them.
     """
 
-    max_steps: int
-    batch_size: int
-    lr: float
-    grad_accum: int = 1
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    lr_decay: str = "cosine"
-    decay_steps: int | None = None
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    ema_warmup_steps: int = 10
-    gradient_checkpointing: bool | None = None
-    seed: int = 0
-    log_every: int = 10
-    preview_every: int = 500
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    out: str | None = None
+    max_steps: Annotated[Int, _doc("optimizer steps to train for (--max-steps)")]
+    batch_size: Annotated[Int, _doc("micro-batch per process")]
+    lr: Annotated[Float, _doc("peak learning rate (AdamW)")]
+    grad_accum: Annotated[Int, _doc("micro-batches per optimizer step")] = 1
+    min_lr: Annotated[Float, _doc("learning rate at the end of the decay")] = 0.0
+    warmup_steps: Annotated[Int, _doc("linear warm-up from 0 to lr over this many steps")] = 0
+    lr_decay: Annotated[Str, _doc("decay after the warm-up: cosine, linear or constant")] = "cosine"
+    decay_steps: Annotated[
+        Int | None, _doc("step at which the decay reaches min_lr (null: max_steps)")
+    ] = None
+    weight_decay: Annotated[Float, _doc("AdamW weight decay (matrices only, not biases/norms)")] = (
+        0.0
+    )
+    betas: Annotated[Betas, _doc("AdamW betas")] = (0.9, 0.999)
+    adam_eps: Annotated[Float, _doc("AdamW epsilon")] = 1e-8
+    grad_clip: Annotated[Float, _doc("clip the global gradient norm (0: off)")] = 1.0
+    ema_decay: Annotated[Float, _doc("EMA decay after its warm-up")] = 0.999
+    ema_warmup_steps: Annotated[Int, _doc("EMA warm-up in updates (0: constant decay)")] = 10
+    gradient_checkpointing: Annotated[
+        Bool | None, _doc("null: the model config decides; true/false: set it")
+    ] = None
+    seed: Annotated[Int, _doc("seeds model init, data order, noise")] = 0
+    log_every: Annotated[Int, _doc("steps between metrics.jsonl lines")] = 10
+    preview_every: Annotated[Int, _doc("steps between previews (0: only at the end)")] = 500
+    checkpoint_every: Annotated[Int, _doc("steps between checkpoints (0: only at the end)")] = 500
+    keep_checkpoints: Annotated[Int, _doc("complete checkpoints kept (0: keep all)")] = 2
+    out: Annotated[Str | None, _doc("output folder (--out; null: runs/<config file name>)")] = None
+    parts: Annotated[
+        dict[str, dict[str, Any]],
+        _doc(f"per-part optimizer overrides: {{part: {{{', '.join(PART_KEYS)}}}}}"),
+    ] = dataclasses.field(default_factory=dict, hash=False)
+
+    @field_validator("parts", mode="plain")
+    @classmethod
+    def _parts(cls, value: Any) -> dict[str, dict[str, Any]]:
+        if not isinstance(value, Mapping):
+            raise Problem(f"must be a mapping of part names to optimizer settings, got {value!r}")
+        for name, settings in value.items():
+            if not isinstance(name, str) or not name:
+                raise Problem(f"must map part names (strings) to settings, got the name {name!r}")
+            if not isinstance(settings, Mapping):
+                raise Problem(f"must be a mapping, got {settings!r}", name)
+        # Errors inside carry their (name, key) location.
+        parsed = _PARTS.validate_python(dict(value))
+        return {name: p.model_dump(exclude_unset=True) for name, p in parsed.items()}
+
+    @model_validator(mode="after")
+    def _parts_in_range(self) -> OptimConfig:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, settings in self.parts.items():
+            merged = {**values, **settings}
+            prefix = f"parts.{name}."
+            _check_ranges(merged, settings, prefix)
+            # A part that moves only lr or warmup_steps can cross train's min_lr / decay_steps.
+            if "min_lr" not in settings and merged["min_lr"] > merged["lr"]:
+                raise Problem(
+                    f"must be >= train.min_lr ({merged['min_lr']}), got {merged['lr']!r}",
+                    f"{prefix}lr",
+                )
+            decay = merged["decay_steps"]
+            if (
+                "decay_steps" not in settings
+                and decay is not None
+                and decay <= merged["warmup_steps"]
+            ):
+                raise Problem(
+                    f"must be < train.decay_steps ({decay}), got {merged['warmup_steps']!r}",
+                    f"{prefix}warmup_steps",
+                )
+        return self
+
+    def for_part(self, name: str) -> OptimConfig:
+        """The settings of part ``name``: these with its ``parts`` overrides applied (a part
+        not listed gets them unchanged). The copy's own ``parts`` is empty."""
+        return dataclasses.replace(self, parts={}, **self.parts.get(name, {}))
 
 
-@dataclass(frozen=True)
+def _keys(cls: type) -> dict[str, tuple[Any, str]]:
+    """Every field of a section dataclass: (default or ``_REQUIRED``, meaning)."""
+    out: dict[str, tuple[Any, str]] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = list(f.default) if isinstance(f.default, tuple) else f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = _REQUIRED
+        out[f.name] = (default, cls.__pydantic_fields__[f.name].description or "")
+    return out
+
+
+#: Every key of the ``data`` and ``train`` sections: (default, meaning); ``_REQUIRED`` marks
+#: a key without a default. Read off the dataclasses, so the documented table is theirs.
+KEYS: dict[str, dict[str, tuple[Any, str]]] = {
+    "data": _keys(DataConfig),
+    "train": _keys(OptimConfig),
+}
+_SECTIONS = {"data": pydantic.TypeAdapter(DataConfig), "train": pydantic.TypeAdapter(OptimConfig)}
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A checked training config.
 
-    ``model`` is the recipe-validated model config (defaults filled in). ``deepspeed`` is the
-    DeepSpeed JSON as written (batch fields absent); ``deepspeed_source`` is its path, or
+    ``model`` is the modality-validated model config (defaults filled in). ``deepspeed`` is
+    the DeepSpeed JSON as written (batch fields absent); ``deepspeed_source`` is its path, or
     ``"inline"``. ``path`` is the YAML file this came from (None when built from a dict).
     """
 
@@ -190,12 +408,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable record of the resolved config (written to <out>/config.json)."""
-        train = asdict(self.train)
+        train = dataclasses.asdict(self.train)
         train["betas"] = list(self.train.betas)
+        train["parts"] = {
+            name: {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+            for name, settings in self.train.parts.items()
+        }
         return {
             "modality": self.modality,
             "model": self.model,
-            "data": asdict(self.data),
+            "data": dataclasses.asdict(self.data),
             "train": train,
             "deepspeed": self.deepspeed_config(),
             "deepspeed_source": self.deepspeed_source,
@@ -215,7 +437,7 @@ def load_config(
         overrides: values that replace the file's, by dotted key (``{"train.max_steps": 5,
             "data.shards": "data/x"}``) or as nested mappings. ``None`` values are ignored, so
             a CLI can pass every option it has. Unknown keys are errors, as in the file.
-        validate_model: ask the modality's recipe to validate ``model`` (imports the recipe).
+        validate_model: ask the modality to validate ``model`` (imports the modality).
 
     Returns:
         The checked :class:`TrainConfig`.
@@ -246,10 +468,8 @@ def load_config(
     modality = raw["modality"]
     if not isinstance(modality, str) or not modality:
         raise ConfigError(f"modality{where} must be a recipe name or 'module:Class'")
-    data = _section(raw, "data", DataConfig, where)
-    train = _section(raw, "train", OptimConfig, where)
-    _check_train(train, where)
-    _check_data(data, where)
+    data = _section(raw, "data", where)
+    train = _section(raw, "train", where)
 
     model = raw["model"] if raw["model"] is not None else {}
     if not isinstance(model, dict):
@@ -324,120 +544,37 @@ def _check_keys(
             raise ConfigError(f"missing config key {prefix}{key}{where}")
 
 
-def _section(raw: dict[str, Any], name: str, cls: type, where: str) -> Any:
+def _section(raw: dict[str, Any], name: str, where: str) -> Any:
     section = raw.get(name)
     if section is None:
         section = {}
     if not isinstance(section, dict):
         raise ConfigError(f"{name}{where} must be a mapping")
-    spec = KEYS[name]
-    required = tuple(k for k, (default, _) in spec.items() if default is _REQUIRED)
-    _check_keys(section, tuple(spec), required, f"{name}.", where)
-    values = {k: _coerce(f"{name}.{k}", section[k], spec[k][0], cls, where) for k in section}
-    return cls(**values)
-
-
-def _coerce(key: str, value: Any, default: Any, cls: type, where: str) -> Any:
-    """Check a value's type against the field's annotation; YAML-friendly conversions only."""
-    annotation = cls.__dataclass_fields__[key.split(".")[1]].type
-    if value is None and ("None" in annotation or default is None):
-        return None
-    if "bool" in annotation:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}{where} must be true or false, got {value!r}")
-        return value
-    if annotation.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}{where} must be an integer, got {value!r}")
-        return value
-    if annotation == "float":
-        return _float(key, value, where)
-    if annotation.startswith("tuple[float"):
-        if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise ConfigError(f"{key}{where} must be a list of two numbers, got {value!r}")
-        return tuple(_float(key, v, where) for v in value)
-    if annotation.startswith("str | list"):
-        ok = isinstance(value, str) or (
-            isinstance(value, list) and all(isinstance(v, str) for v in value)
-        )
-        if not ok:
-            raise ConfigError(f"{key}{where} must be a string or a list of strings")
-        return value
-    if not isinstance(value, str):
-        raise ConfigError(f"{key}{where} must be a string, got {value!r}")
-    return value
-
-
-def _float(key: str, value: Any, where: str) -> float:
-    # PyYAML reads `1e-4` (no dot) as a string, so numeric strings are accepted.
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}{where} must be a number, got {value!r}")
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}{where} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"{key}{where} must be finite, got {value!r}")
-    return number
+        return _SECTIONS[name].validate_python(section)
+    except pydantic.ValidationError as e:
+        raise ConfigError(_line(describe(e, name), where)) from None
 
 
-def _require(ok: bool, key: str, what: str, value: Any, where: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}{where} must be {what}, got {value!r}")
-
-
-def _check_train(t: OptimConfig, where: str) -> None:
-    _require(t.max_steps >= 1, "train.max_steps", ">= 1", t.max_steps, where)
-    _require(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size, where)
-    _require(t.grad_accum >= 1, "train.grad_accum", ">= 1", t.grad_accum, where)
-    _require(t.lr > 0, "train.lr", "> 0", t.lr, where)
-    _require(0 <= t.min_lr <= t.lr, "train.min_lr", "in [0, train.lr]", t.min_lr, where)
-    _require(t.warmup_steps >= 0, "train.warmup_steps", ">= 0", t.warmup_steps, where)
-    _require(
-        t.lr_decay in DECAYS, "train.lr_decay", f"one of {', '.join(DECAYS)}", t.lr_decay, where
-    )
-    if t.decay_steps is not None:
-        _require(
-            t.decay_steps > t.warmup_steps,
-            "train.decay_steps",
-            "> train.warmup_steps",
-            t.decay_steps,
-            where,
-        )
-    _require(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay, where)
-    _require(all(0 <= b < 1 for b in t.betas), "train.betas", "in [0, 1)", list(t.betas), where)
-    _require(t.adam_eps > 0, "train.adam_eps", "> 0", t.adam_eps, where)
-    _require(t.grad_clip >= 0, "train.grad_clip", ">= 0 (0: off)", t.grad_clip, where)
-    _require(0 <= t.ema_decay < 1, "train.ema_decay", "in [0, 1)", t.ema_decay, where)
-    _require(t.ema_warmup_steps >= 0, "train.ema_warmup_steps", ">= 0", t.ema_warmup_steps, where)
-    _require(t.seed >= 0, "train.seed", ">= 0", t.seed, where)
-    _require(t.log_every >= 1, "train.log_every", ">= 1", t.log_every, where)
-    for key in ("preview_every", "checkpoint_every", "keep_checkpoints"):
-        value = getattr(t, key)
-        _require(value >= 0, f"train.{key}", ">= 0", value, where)
-
-
-def _check_data(d: DataConfig, where: str) -> None:
-    _require(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers, where)
-    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", d.shuffle_buffer, where)
-    _require(
-        0 <= d.max_bad_fraction <= 1,
-        "data.max_bad_fraction",
-        "in [0, 1]",
-        d.max_bad_fraction,
-        where,
-    )
-    if d.shards is not None:
-        _require(len(d.shards) > 0, "data.shards", "non-empty", d.shards, where)
+def _line(issue: Issue, where: str) -> str:
+    """An issue of the data / train sections as today's one line (``<key><where> ...``)."""
+    if issue.unknown:
+        names = ", ".join(f"{issue.key}.{k}" for k in issue.unknown)
+        valid = ", ".join(f"{issue.key}.{k}" for k in issue.valid)
+        keys = "keys" if len(issue.unknown) > 1 else "key"
+        return f"unknown config {keys} {names}{where}; valid keys: {valid}"
+    if issue.missing:
+        return f"missing config key {issue.key}{where}"
+    return f"{issue.key}{where} {issue.problem}"
 
 
 def _validate_model(modality: str, model: dict[str, Any], gc_set: bool, where: str) -> dict:
     try:
-        recipe = load_recipe(modality)
+        cls = load_modality(modality)
     except (ValueError, TypeError, ImportError, AttributeError) as e:
         raise ConfigError(f"modality{where}: {e}") from e
     try:
-        validated = recipe.validate(model)
+        validated = cls.validate(model)
     except ConfigError as e:
         if gc_set and "gradient_checkpointing" in str(e):
             raise ConfigError(

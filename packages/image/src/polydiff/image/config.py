@@ -1,0 +1,210 @@
+"""The ``model:`` section of an image config: :class:`ImageConfig`, a pydantic schema.
+
+Every key is optional (defaults below), plus the denoising keys every modality shares (text
+encoder, schedule, prediction, weighting, CFG dropout, sampling defaults, gradient
+checkpointing: :class:`polydiff.core.modality.schema.DenoisingSchema`)::
+
+    kind: unet              # unet | dit (pixel denoisers) | latent_dit | autoencoder
+    image_size: 16          # square side in pixels; samples are centre-cropped and resized
+    channels: 1             # 1 = grayscale, 3 = RGB
+    unet: {base_channels: 32, channel_mult: [1, 2], num_res_blocks: 2,
+           attention_levels: [1], heads: 4, dropout: 0.0}              # kind unet
+    dit: {patch: 2, dim: 192, depth: 6, heads: 6, mlp_ratio: 4.0,
+          qk_norm: true}                                               # kinds dit, latent_dit
+    autoencoder: {latent_channels: 4, base_channels: 32, channel_mult: [1, 2],
+                  kl_weight: 1.0e-4}                                   # kind autoencoder
+    autoencoder: path/to/autoencoder/final                             # kind latent_dit
+
+Each kind reads only its sections (``KIND_SECTIONS``): another section is refused, and the
+validated config holds exactly the kind's sections. In kind latent_dit ``dit.patch`` defaults
+to 1 (latents are already small) and the image side is checked against the autoencoder when
+it is loaded; the other kinds check it against their downsampling here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import PurePath
+from typing import Annotated, Any
+
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from polydiff.core.modality.schema import (
+    DenoisingSchema,
+    Flag,
+    IntList,
+    ModelSchema,
+    Number,
+    OneOf,
+    Problem,
+    defaults,
+)
+
+__all__ = [
+    "DEFAULTS",
+    "KINDS",
+    "KIND_SECTIONS",
+    "LATENT_DIT_DEFAULTS",
+    "SECTIONS",
+    "SECTION_DEFAULTS",
+    "AutoencoderSection",
+    "DiTSection",
+    "ImageConfig",
+    "UNetSection",
+]
+
+KINDS: tuple[str, ...] = ("unet", "dit", "latent_dit", "autoencoder")
+SECTIONS: tuple[str, ...] = ("unet", "dit", "autoencoder")
+#: Which sections each kind reads; any other section is a mistake and is refused.
+KIND_SECTIONS: dict[str, tuple[str, ...]] = {
+    "unet": ("unet",),
+    "dit": ("dit",),
+    "latent_dit": ("dit", "autoencoder"),
+    "autoencoder": ("autoencoder",),
+}
+#: What kind latent_dit changes in the ``dit`` defaults: one token per latent pixel.
+LATENT_DIT_DEFAULTS: dict[str, Any] = {"patch": 1}
+
+_KIND = OneOf(KINDS)
+_NEEDS_AUTOENCODER = (
+    "kind latent_dit needs the path of a trained autoencoder checkpoint "
+    "(the final/ folder of a kind: autoencoder run)"
+)
+
+
+def _levels(value: list[int]) -> list[int]:
+    if not value:
+        raise Problem("needs at least one level")
+    return value
+
+
+class UNetSection(ModelSchema):
+    """``unet:`` (kind unet): a pixel U-Net."""
+
+    base_channels: Annotated[int, Number(1)] = 32
+    channel_mult: Annotated[list[int], IntList(1)] = Field(default_factory=lambda: [1, 2])
+    num_res_blocks: Annotated[int, Number(1)] = 2
+    attention_levels: Annotated[list[int], IntList(0)] = Field(default_factory=lambda: [1])
+    heads: Annotated[int, Number(1)] = 4
+    dropout: Annotated[float, Number(0.0)] = 0.0
+
+    _channel_mult = field_validator("channel_mult")(_levels)
+
+    @model_validator(mode="after")
+    def _attention_fits(self) -> UNetSection:
+        if any(level >= len(self.channel_mult) for level in self.attention_levels):
+            raise Problem("must index channel_mult", "attention_levels")
+        if any(self.base_channels * m % self.heads for m in self.channel_mult):
+            raise Problem("must divide every level's width", "heads")
+        return self
+
+
+class DiTSection(ModelSchema):
+    """``dit:`` (kinds dit and latent_dit): a DiT on square patches with 2D rotary offsets."""
+
+    patch: Annotated[int, Number(1)] = 2
+    dim: Annotated[int, Number(1)] = 192
+    depth: Annotated[int, Number(1)] = 6
+    heads: Annotated[int, Number(1)] = 6
+    mlp_ratio: Annotated[float, Number(1e-6)] = 4.0
+    qk_norm: Flag = True
+
+    @model_validator(mode="after")
+    def _rotary_head_dim(self) -> DiTSection:
+        if self.dim % self.heads or (self.dim // self.heads) % 4:
+            raise Problem("dim / heads must be a multiple of 4 (2D rotary)", "heads")
+        return self
+
+
+class AutoencoderSection(ModelSchema):
+    """``autoencoder:`` (kind autoencoder): a KL autoencoder for latent diffusion."""
+
+    latent_channels: Annotated[int, Number(1)] = 4
+    base_channels: Annotated[int, Number(1)] = 32
+    channel_mult: Annotated[list[int], IntList(1)] = Field(default_factory=lambda: [1, 2])
+    kl_weight: Annotated[float, Number(0.0)] = 1.0e-4
+
+    _channel_mult = field_validator("channel_mult")(_levels)
+
+
+class ImageConfig(DenoisingSchema):
+    """The image ``model:`` section (see the module doc)."""
+
+    kind: Annotated[str, _KIND] = "unet"
+    image_size: Annotated[int, Number(1)] = 16
+    channels: Annotated[int, OneOf((1, 3), "1 (grayscale) or 3 (RGB)")] = 1
+    unet: UNetSection | None = None
+    dit: DiTSection | None = None
+    #: A section (kind autoencoder) or a checkpoint folder (kind latent_dit).
+    autoencoder: AutoencoderSection | str | None = None
+
+    @classmethod
+    def prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Check ``kind`` first (the sections depend on it), refuse the sections it does not
+        read and fill in those it does."""
+        kind = _KIND.check(data.get("kind", "unet"), "kind")
+        for section in SECTIONS:
+            if section in data and section not in KIND_SECTIONS[kind]:
+                raise Problem(f"is not used by kind {kind!r}; remove it", section)
+        for section in KIND_SECTIONS[kind]:
+            given = data.get(section, {})
+            if kind == "latent_dit" and section == "autoencoder":
+                if not isinstance(given, str | PurePath) or not str(given):
+                    raise Problem(_NEEDS_AUTOENCODER, "autoencoder")
+                data["autoencoder"] = str(given)
+                continue
+            if not isinstance(given, Mapping):
+                raise Problem(f"expected a mapping, got {type(given).__name__}", section)
+            if kind == "latent_dit" and section == "dit":
+                given = {**LATENT_DIT_DEFAULTS, **given}
+            data[section] = given
+        return data
+
+    @field_validator("autoencoder", mode="wrap")
+    @classmethod
+    def _section_or_path(cls, value: Any, handler: Any) -> Any:
+        # ``prepare`` chose by kind; a union would name its members in error locations.
+        if value is None or isinstance(value, str):
+            return value
+        return AutoencoderSection.model_validate(value)
+
+    @property
+    def downsample_factor(self) -> int:
+        """What the image side must be divisible by (known before loading anything)."""
+        if self.unet is not None:
+            return 2 ** (len(self.unet.channel_mult) - 1)
+        if isinstance(self.autoencoder, AutoencoderSection):
+            return 2 ** (len(self.autoencoder.channel_mult) - 1)
+        if self.kind == "dit" and self.dit is not None:
+            return self.dit.patch
+        return 1  # latent_dit: checked against the autoencoder when it is loaded
+
+    @model_validator(mode="after")
+    def _image_size_fits(self) -> ImageConfig:
+        factor = self.downsample_factor
+        if self.image_size % factor:
+            raise Problem(f"{self.image_size} is not divisible by {factor}", "image_size")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _kind_sections_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for section in SECTIONS:
+            if section not in KIND_SECTIONS[self.kind]:
+                data.pop(section, None)
+        return data
+
+
+#: The top-level defaults (sections aside: ``SECTION_DEFAULTS``).
+DEFAULTS: dict[str, Any] = {k: v for k, v in defaults(ImageConfig).items() if k not in SECTIONS}
+SECTION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "unet": defaults(UNetSection),
+    "dit": defaults(DiTSection),
+    "autoencoder": defaults(AutoencoderSection),
+}
