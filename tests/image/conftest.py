@@ -44,8 +44,9 @@ TINY: dict[str, dict[str, Any]] = {
 
 
 @pytest.fixture(scope="session")
-def recipe() -> ImageRecipe:
-    return ImageRecipe()
+def recipe() -> type[ImageRecipe]:
+    """The modality class: ``recipe.validate(raw)``, ``recipe(cfg).build_model()``."""
+    return ImageRecipe
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +56,7 @@ def autoencoder_folder(tmp_path_factory, recipe) -> str:
 
     cfg = recipe.validate(TINY["autoencoder"])
     folder = tmp_path_factory.mktemp("ae") / "final"
-    save_pretrained(recipe.build_model(cfg), folder)
+    save_pretrained(recipe(cfg).build_model(), folder)
     return str(folder)
 
 

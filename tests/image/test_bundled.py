@@ -6,8 +6,10 @@ from __future__ import annotations
 from PIL import Image
 
 from polydiff.cli.main import main
+from polydiff.core.modality import bundled_checkpoint
 from polydiff.image.metrics import digit_agreement
-from polydiff.image.pipeline import bundled_checkpoint, generate
+from polydiff.image.pipeline import generate
+from polydiff.image.recipe import ImageRecipe
 
 
 def test_bundled_model_draws_each_asked_digit_recognisably():
@@ -17,7 +19,7 @@ def test_bundled_model_draws_each_asked_digit_recognisably():
 
 
 def test_cli_generates_from_the_bundled_model_without_a_checkpoint(tmp_path, capsys):
-    assert bundled_checkpoint().is_dir()
+    assert bundled_checkpoint(ImageRecipe).is_dir()
     out = tmp_path / "seven.png"
     assert (
         main(
@@ -36,5 +38,7 @@ def test_cli_generates_from_the_bundled_model_without_a_checkpoint(tmp_path, cap
         )
         == 0
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["seven_0.png", "seven_1.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "seven_0.png", "seven_0.png.json", "seven_1.png", "seven_1.png.json"
+    ]  # fmt: skip
     assert digit_agreement([Image.open(tmp_path / "seven_0.png")], [7]) == 1.0

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from polydiff.core.data import Skip, iter_shard, write_shards
-from polydiff.image.data import collate, decode, folder_source
+from polydiff.image.data import decode, folder_source
 from polydiff.image.synthetic import digits
 
 
@@ -124,7 +124,7 @@ def test_decode_of_a_corrupt_png_names_the_key(recipe):
 
 def test_collate_stacks_images_and_lists_captions(recipe):
     cfg = recipe.validate({})
-    batch = collate([decode(s, cfg) for s in digits(3)])
+    batch = recipe(cfg).collate([decode(s, cfg) for s in digits(3)])
     assert batch["image"].shape == (3, 1, 16, 16)
     assert batch["caption"] == [s["txt"] for s in digits(3)]
 
@@ -140,7 +140,7 @@ def test_folder_to_real_shards_and_back(recipe, tmp_path):
     assert summary.written == 3
     assert summary.skipped == {"unreadable image (UnidentifiedImageError)": 1}
     cfg = recipe.validate({"image_size": 8})
-    decoded = [recipe.decode(s, cfg) for url in summary.shards for s in iter_shard(url)]
+    decoded = [recipe(cfg).decode(s) for url in summary.shards for s in iter_shard(url)]
     assert sorted(d["caption"] for d in decoded) == ["gray level 0", "gray level 1", "gray level 2"]
     levels = sorted(float(d["image"].mean()) for d in decoded)
     assert np.allclose(levels, [i * 40 / 127.5 - 1 for i in range(3)], atol=1e-2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from polydiff.core.modality import TextConditioner
 from polydiff.core.pretrained import from_pretrained, save_pretrained
-from polydiff.core.train.denoising import text_conditioning
 from polydiff.image.model import KLAutoencoder, LatentDiT, PixelDiT, PixelUNet
 
 DENOISERS = ["unet", "dit", "latent_dit"]
@@ -14,7 +14,9 @@ DENOISERS = ["unet", "dit", "latent_dit"]
 
 def _inputs(cfg, shape):
     torch.manual_seed(0)
-    cond = text_conditioning(["a handwritten digit 3", ""], cfg, torch.device("cpu"), torch.float32)
+    cond = TextConditioner.from_config(cfg).encode(
+        ["a handwritten digit 3", ""], torch.device("cpu"), torch.float32
+    )
     return torch.randn(2, *shape), torch.tensor([10.0, 900.0]), cond
 
 
@@ -28,7 +30,7 @@ def _shape(model, cfg):
 @pytest.mark.parametrize("kind", DENOISERS)
 def test_fresh_denoiser_outputs_zeros_shaped_like_its_input(recipe, tiny, kind):
     cfg = tiny(kind)
-    model = recipe.build_model(cfg)
+    model = recipe(cfg).build_model()
     x, t, cond = _inputs(cfg, _shape(model, cfg))
     out = model(x, t, **cond)
     assert out.shape == x.shape
@@ -38,7 +40,7 @@ def test_fresh_denoiser_outputs_zeros_shaped_like_its_input(recipe, tiny, kind):
 @pytest.mark.parametrize("kind", DENOISERS)
 def test_trained_denoiser_depends_on_the_text(recipe, tiny, kind):
     cfg = tiny(kind)
-    model = recipe.build_model(cfg)
+    model = recipe(cfg).build_model()
     with torch.no_grad():  # stand-in for training: wake every zero-initialised layer
         for p in model.parameters():
             if p.requires_grad:
@@ -50,15 +52,15 @@ def test_trained_denoiser_depends_on_the_text(recipe, tiny, kind):
 
 
 def test_models_record_their_config_and_text_widths(recipe, tiny):
-    unet = recipe.build_model(tiny("unet"))
+    unet = recipe(tiny("unet")).build_model()
     assert isinstance(unet, PixelUNet)
     assert unet.config["context_dim"] == unet.config["pooled_dim"] == 384  # MiniLM
-    dit = recipe.build_model(tiny("dit"))
+    dit = recipe(tiny("dit")).build_model()
     assert isinstance(dit, PixelDiT) and dit.config["patch"] == 2
 
 
 def test_latent_dit_holds_the_trained_autoencoder(recipe, tiny, autoencoder_folder):
-    model = recipe.build_model(tiny("latent_dit"))
+    model = recipe(tiny("latent_dit")).build_model()
     saved = from_pretrained(autoencoder_folder, KLAutoencoder)
     assert model.config["autoencoder"] == saved.config
     for name, tensor in saved.state_dict().items():
@@ -68,7 +70,7 @@ def test_latent_dit_holds_the_trained_autoencoder(recipe, tiny, autoencoder_fold
 
 
 def test_latent_dit_encode_decode_shapes(recipe, tiny):
-    model = recipe.build_model(tiny("latent_dit"))
+    model = recipe(tiny("latent_dit")).build_model()
     images = torch.rand(3, 1, 8, 8) * 2 - 1
     latents = model.encode(images)
     assert latents.shape == (3, 2, 4, 4)
@@ -76,7 +78,7 @@ def test_latent_dit_encode_decode_shapes(recipe, tiny):
 
 
 def test_autoencoder_shapes_and_sampling_noise(recipe, tiny):
-    model = recipe.build_model(tiny("autoencoder"))
+    model = recipe(tiny("autoencoder")).build_model()
     x = torch.rand(2, 1, 8, 8) * 2 - 1
     mean, logvar = model.encode(x)
     assert mean.shape == logvar.shape == (2, 2, 4, 4)
@@ -96,7 +98,7 @@ def test_autoencoder_tracks_the_latent_spread():
 
 @pytest.mark.parametrize("kind", ["unet", "dit", "latent_dit", "autoencoder"])
 def test_save_and_load_round_trip(recipe, tiny, kind, tmp_path):
-    model = recipe.build_model(tiny(kind))
+    model = recipe(tiny(kind)).build_model()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p))

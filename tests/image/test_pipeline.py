@@ -10,9 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from polydiff.core.modality import bundled_checkpoint
 from polydiff.core.pretrained import CheckpointError, save_pretrained
 from polydiff.image import pipeline
-from polydiff.image.pipeline import bundled_checkpoint, generate
+from polydiff.image.pipeline import generate
+from polydiff.image.recipe import ImageRecipe
 
 
 def _save_final(model, model_cfg, folder, modality="image"):
@@ -29,7 +31,7 @@ def _save_final(model, model_cfg, folder, modality="image"):
 def checkpoint(recipe, tiny, tmp_path):
     torch.manual_seed(0)
     cfg = tiny("unet")
-    model = recipe.build_model(cfg)
+    model = recipe(cfg).build_model()
     with torch.no_grad():  # an untrained model outputs zeros; any weights will do here
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -66,7 +68,7 @@ def test_generate_accepts_every_sampler_and_guidance(checkpoint, sampler):
 @pytest.mark.parametrize("kind", ["dit", "latent_dit"])
 def test_generate_from_dit_and_latent_checkpoints(recipe, tiny, tmp_path, kind):
     cfg = tiny(kind)
-    folder = _save_final(recipe.build_model(cfg), cfg, tmp_path / kind)
+    folder = _save_final(recipe(cfg).build_model(), cfg, tmp_path / kind)
     images = generate(["a handwritten digit 9"], checkpoint=folder, num=2)
     assert [im.size for im in images] == [(8, 8), (8, 8)]
 
@@ -74,10 +76,13 @@ def test_generate_from_dit_and_latent_checkpoints(recipe, tiny, tmp_path, kind):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"prompts": []}, "no prompts"),
-        ({"guidance": -0.5}, "guidance must be a finite number >= 0"),
-        ({"guidance": math.inf}, "guidance must be a finite number >= 0"),
-        ({"guidance": math.nan}, "guidance must be a finite number >= 0"),
+        ({"prompts": []}, "no prompt given"),
+        ({"guidance": -0.5}, r"guidance must be a number in \[0, 50\]"),
+        ({"guidance": math.inf}, r"guidance must be a number in \[0, 50\]"),
+        ({"guidance": math.nan}, r"guidance must be a number in \[0, 50\]"),
+        ({"guidance": 51}, r"guidance must be a number in \[0, 50\]"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"dtype": "float64"}, "dtype 'float64' is not one of"),
         ({"sampler": "plms"}, "unknown sampler 'plms'; valid: ddpm"),
         ({"steps": 0}, "steps must be an integer >= 1"),
         ({"num": 0}, "num must be an integer >= 1"),
@@ -91,7 +96,7 @@ def test_bad_arguments_fail_with_one_clear_line(checkpoint, kwargs, message):
 
 
 def test_missing_checkpoint_folder(tmp_path):
-    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+    with pytest.raises(ValueError, match="checkpoint folder not found"):
         generate(["a"], checkpoint=tmp_path / "nope")
 
 
@@ -104,7 +109,7 @@ def test_corrupt_checkpoint(checkpoint):
 
 def test_checkpoint_of_another_modality_or_without_model_config(recipe, tiny, tmp_path):
     cfg = tiny("unet")
-    model = recipe.build_model(cfg)
+    model = recipe(cfg).build_model()
     other = _save_final(model, cfg, tmp_path / "audio", modality="audio")
     with pytest.raises(CheckpointError, match="'audio' model, not an image model"):
         generate(["a"], checkpoint=other)
@@ -115,19 +120,19 @@ def test_checkpoint_of_another_modality_or_without_model_config(recipe, tiny, tm
 
 def test_autoencoder_checkpoint_cannot_generate(recipe, tiny, tmp_path):
     cfg = tiny("autoencoder")
-    folder = _save_final(recipe.build_model(cfg), cfg, tmp_path / "ae")
+    folder = _save_final(recipe(cfg).build_model(), cfg, tmp_path / "ae")
     with pytest.raises(CheckpointError, match="is an autoencoder"):
         generate(["a"], checkpoint=folder)
 
 
 def test_missing_bundled_checkpoint_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(pipeline, "_BUNDLED", tmp_path / "bundled" / "digits")
+    monkeypatch.setattr(ImageRecipe, "bundled", (tmp_path / "bundled" / "digits", "x.yaml"))
     with pytest.raises(FileNotFoundError, match="bundled image checkpoint is missing"):
-        bundled_checkpoint()
+        bundled_checkpoint(ImageRecipe)
     with pytest.raises(FileNotFoundError, match="--checkpoint"):
         generate(["a handwritten digit 1"])
 
 
 def test_bundled_checkpoint_lives_in_the_package():
     expected = pipeline.__file__.rsplit("/", 1)[0] + "/bundled/digits"
-    assert str(pipeline._BUNDLED) == expected
+    assert str(ImageRecipe.bundled[0]) == expected

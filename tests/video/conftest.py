@@ -28,8 +28,9 @@ TINY: dict[str, Any] = {
 
 
 @pytest.fixture(scope="session")
-def recipe() -> VideoRecipe:
-    return VideoRecipe()
+def recipe() -> type[VideoRecipe]:
+    """The modality class: ``recipe.validate(raw)``, ``recipe(cfg).build_model()``."""
+    return VideoRecipe
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def tiny_checkpoint(tmp_path_factory, recipe) -> Path:
 
     cfg = recipe.validate(copy.deepcopy(TINY))
     torch.manual_seed(0)
-    model = recipe.build_model(cfg)
+    model = recipe(cfg).build_model()
     # Nonzero adaLN/final layers, so the untrained model's output depends on its inputs.
     with torch.no_grad():
         for p in model.parameters():

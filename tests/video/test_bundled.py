@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from polydiff.cli.main import main
-from polydiff.video.pipeline import bundled_checkpoint, generate
+from polydiff.core.modality import bundled_checkpoint
+from polydiff.video.pipeline import generate
+from polydiff.video.recipe import VideoRecipe
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
@@ -53,7 +55,7 @@ def test_the_shape_has_the_asked_colour():
 
 
 def test_cli_writes_a_playable_mp4_from_the_bundled_model(tmp_path):
-    assert bundled_checkpoint().is_dir()
+    assert bundled_checkpoint(VideoRecipe).is_dir()
     out = tmp_path / "left.mp4"
     code = main(["generate", "video", "--prompt", "a white circle moving left", "--out",
                  str(out), "--steps", "10"])  # fmt: skip

@@ -33,11 +33,11 @@ def test_shards_round_trip_real_mp4s_to_clips(tmp_path, clips, recipe):
     ]
     assert [s["mp4"] for s in stored] == [c["mp4"] for c in clips]  # encoded bytes, not frames
     cfg = recipe.validate({})
-    decoded = recipe.decode(stored[0], cfg)
+    decoded = recipe(cfg).decode(stored[0])
     assert decoded["video"].shape == (3, 16, 32, 32) and decoded["caption"] == clips[0]["txt"]
     assert decoded["video"].min() >= -1 and decoded["video"].max() <= 1
-    assert recipe.bucket(stored[0], cfg) == (16, 32, 32)
-    batch = recipe.collate([recipe.decode(s, cfg) for s in stored[:4]])
+    assert recipe(cfg).bucket(stored[0]) == (16, 32, 32)
+    batch = recipe(cfg).collate([recipe(cfg).decode(s) for s in stored[:4]])
     assert batch["video"].shape == (4, 3, 16, 32, 32) and len(batch["caption"]) == 4
 
 
@@ -143,9 +143,9 @@ def test_a_corrupt_video_inside_a_shard_fails_decode_naming_its_key(recipe, clip
     cfg = recipe.validate({})
     broken = {**clips[0], "__key__": "clip_bad", "mp4": clips[0]["mp4"][:300]}
     with pytest.raises(ValueError, match="clip_bad"):
-        recipe.decode(broken, cfg)
+        recipe(cfg).decode(broken)
 
 
 def test_grey_models_get_one_channel(recipe, clips):
     cfg = recipe.validate({"channels": 1})
-    assert recipe.decode(clips[0], cfg)["video"].shape == (1, 16, 32, 32)
+    assert recipe(cfg).decode(clips[0])["video"].shape == (1, 16, 32, 32)

@@ -30,10 +30,10 @@ def test_the_dit_diffuses_per_frame_latents_and_keeps_the_autoencoder_frozen(
     recipe, autoencoder_folder, clips
 ):
     cfg = recipe.validate({**copy.deepcopy(TINY), "autoencoder": str(autoencoder_folder)})
-    model = recipe.build_model(cfg)
+    model = recipe(cfg).build_model()
     assert model.channels == 4 and model.model_shape(3, 8, 32, 32) == (4, 8, 16, 16)
-    batch = recipe.collate([recipe.decode(c, cfg) for c in clips[:2]])
-    loss = recipe.loss(model, batch, torch.Generator().manual_seed(0), cfg)
+    batch = recipe(cfg).collate([recipe(cfg).decode(c) for c in clips[:2]])
+    loss = recipe(cfg).loss(model, batch, torch.Generator().manual_seed(0), "model")
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is None for p in model.autoencoder.parameters())
@@ -46,7 +46,7 @@ def test_the_dit_diffuses_per_frame_latents_and_keeps_the_autoencoder_frozen(
 def test_a_latent_checkpoint_generates_pixel_videos_alone(recipe, autoencoder_folder, tmp_path):
     cfg = recipe.validate({**copy.deepcopy(TINY), "autoencoder": str(autoencoder_folder)})
     folder = tmp_path / "final"
-    write_final(recipe.build_model(cfg), folder, "video", cfg)
+    write_final(recipe(cfg).build_model(), folder, "video", cfg)
     (autoencoder_folder / "model.safetensors").rename(tmp_path / "moved")  # not needed now
     try:
         videos, fps = generate(["a red circle moving left"], checkpoint=folder, steps=2,
@@ -63,4 +63,4 @@ def test_latents_the_patch_does_not_divide_are_refused_naming_the_autoencoder(
     cfg = recipe.validate({**copy.deepcopy(TINY), "autoencoder": str(autoencoder_folder),
                            "dit": {**TINY["dit"], "patch": [2, 32, 32]}})  # fmt: skip
     with pytest.raises(ConfigError, match="model.autoencoder"):
-        recipe.build_model(cfg)
+        recipe(cfg).build_model()

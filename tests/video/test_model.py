@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polydiff.core.train.denoising import text_conditioning
+from polydiff.core.modality import TextConditioner
 from polydiff.video.model import VideoDiT, first_frame_condition
 
 
@@ -20,13 +20,13 @@ def _perturbed(model: VideoDiT) -> VideoDiT:
 
 
 def _text(cfg, prompts):
-    return text_conditioning(prompts, cfg, torch.device("cpu"), torch.float32)
+    return TextConditioner.from_config(cfg).encode(prompts, torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.parametrize("attention", ["full", "factorised"])
 def test_predicts_a_video_shaped_like_its_input_for_every_bucket_size(recipe, tiny, attention):
     cfg = tiny(dit={"attention": attention})
-    model = _perturbed(recipe.build_model(cfg))
+    model = _perturbed(recipe(cfg).build_model())
     cond = _text(cfg, ["a red circle moving left", "a blue square growing"])
     for shape in [(2, 3, 8, 16, 16), (2, 3, 4, 16, 32), (2, 3, 12, 8, 8)]:
         out = model(torch.randn(shape), torch.tensor([10.0, 500.0]), **cond)
@@ -35,14 +35,14 @@ def test_predicts_a_video_shaped_like_its_input_for_every_bucket_size(recipe, ti
 
 def test_a_fresh_model_outputs_zeros_adaln_zero(recipe, tiny):
     cfg = tiny()
-    model = recipe.build_model(cfg)
+    model = recipe(cfg).build_model()
     out = model(torch.randn(1, 3, 8, 16, 16), torch.tensor([3.0]), **_text(cfg, ["a"]))
     assert torch.count_nonzero(out) == 0
 
 
 def test_sizes_the_patch_does_not_divide_are_refused(recipe, tiny):
     cfg = tiny()
-    model = recipe.build_model(cfg)
+    model = recipe(cfg).build_model()
     with pytest.raises(ValueError, match="not divisible by patch"):
         model(torch.randn(1, 3, 7, 16, 16), torch.tensor([3.0]), **_text(cfg, ["a"]))
     with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\)"):
@@ -51,7 +51,7 @@ def test_sizes_the_patch_does_not_divide_are_refused(recipe, tiny):
 
 def test_the_prompt_and_the_first_frame_both_change_the_prediction(recipe, tiny):
     cfg = tiny()
-    model = _perturbed(recipe.build_model(cfg))
+    model = _perturbed(recipe(cfg).build_model())
     x, t = torch.randn(1, 3, 8, 16, 16), torch.tensor([300.0])
     left = model(x, t, **_text(cfg, ["a red circle moving left"]))
     right = model(x, t, **_text(cfg, ["a red circle moving right"]))
@@ -81,8 +81,8 @@ def test_first_frame_condition_is_the_frame_and_a_mask_at_frame_zero_only():
 
 
 def test_factorised_attention_adds_one_temporal_branch_per_block(recipe, tiny):
-    full = recipe.build_model(tiny(dit={"attention": "full"}))
-    fact = recipe.build_model(tiny(dit={"attention": "factorised"}))
+    full = recipe(tiny(dit={"attention": "full"})).build_model()
+    fact = recipe(tiny(dit={"attention": "factorised"})).build_model()
     extra = sum(p.numel() for p in fact.parameters()) - sum(p.numel() for p in full.parameters())
     dim, head_dim = 24, 6
     attention = 4 * dim * dim + 4 * dim + 2 * head_dim  # qkv + out projections, q/k norms
@@ -95,7 +95,7 @@ def test_every_frame_of_pure_noise_gets_its_own_prediction_with_absolute_positio
     # from pure noise only absolute (t, h, w) positions can say which frame is which.
     cfg = tiny()
     assert cfg["dit"]["absolute_positions"] is True
-    model = _perturbed(recipe.build_model(cfg))
+    model = _perturbed(recipe(cfg).build_model())
     still = torch.randn(1, 3, 1, 32, 32).expand(1, 3, 8, 32, 32)  # the same frame 8 times
     out = model(still, torch.tensor([999.0]), **_text(cfg, ["a red circle moving left"]))
     assert (out[:, :, 0] - out[:, :, 6]).abs().max() > 1e-3

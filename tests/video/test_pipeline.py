@@ -13,9 +13,11 @@ import torch
 from PIL import Image
 
 from polydiff.cli.main import main
+from polydiff.core.modality import bundled_checkpoint, load_trained
 from polydiff.core.pretrained import CheckpointError
 from polydiff.video.data import read_frames
-from polydiff.video.pipeline import generate, load_checkpoint, sample_videos
+from polydiff.video.pipeline import generate, sample_videos
+from polydiff.video.recipe import VideoRecipe
 
 
 def _frames_of(path) -> np.ndarray:
@@ -45,7 +47,7 @@ def test_gif_output_and_one_file_per_sample(tiny_checkpoint, tmp_path):
         "b", "--num", "2", "--out", str(tmp_path / "v.gif"), "--steps", "1",
     ])  # fmt: skip
     assert code == 0
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".gif")
     assert names == ["v_0.gif", "v_1.gif", "v_2.gif", "v_3.gif"]
     with Image.open(tmp_path / "v_0.gif") as gif:
         assert gif.n_frames == 8 and gif.info["loop"] == 0
@@ -69,7 +71,8 @@ def test_image_to_video_keeps_the_given_first_frame(tiny_checkpoint, tmp_path):
 
 
 def test_longer_videos_are_generated_in_overlapping_chunks(tiny_checkpoint):
-    model, cfg = load_checkpoint(tiny_checkpoint)
+    model, bound = load_trained(tiny_checkpoint, VideoRecipe)
+    cfg = bound.config
     videos, fps = generate(["a green circle moving up"], checkpoint=tiny_checkpoint, frames=19,
                            overlap=2, steps=2)  # fmt: skip
     assert videos[0].shape == (3, 19, 32, 32) and fps == 8.0
@@ -99,7 +102,7 @@ def test_same_seed_same_video_other_seed_other_video(tiny_checkpoint):
         (["--fps", "-3"], "fps must be a number > 0"),
         (["--first-frame", "missing.png"], "first frame image not found"),
         (["--overlap", "8"], "overlap must be in"),
-        (["--out", "clip.avi"], "cannot write '.avi' videos"),
+        (["--out", "clip.avi"], "unsupported suffix .avi"),
         (["--sampler", "nope"], "unknown sampler"),
     ],
 )
@@ -114,10 +117,10 @@ def test_bad_options_are_one_clear_line_and_exit_2(
 
 
 def test_an_image_checkpoint_is_not_a_video_checkpoint(tmp_path):
-    from polydiff.image.pipeline import bundled_checkpoint
+    from polydiff.image.recipe import ImageRecipe
 
     with pytest.raises(CheckpointError, match="'image' model, not a video model"):
-        load_checkpoint(bundled_checkpoint())
+        load_trained(bundled_checkpoint(ImageRecipe), VideoRecipe)
 
 
 def test_read_frames_of_generated_file_round_trip(tiny_checkpoint, tmp_path):

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from polydiff.core.train import ConfigError, load_config, load_recipe
-from polydiff.video.recipe import DEFAULTS, VideoRecipe
+from polydiff.video.config import DEFAULTS
+from polydiff.video.recipe import VideoRecipe
 
 
 def test_is_the_installed_video_modality():
-    assert isinstance(load_recipe("video"), VideoRecipe)
+    assert load_recipe("video") is VideoRecipe
 
 
 def test_validate_fills_every_default(recipe):
@@ -44,14 +45,14 @@ def test_bad_values_are_refused_naming_the_key(recipe, change, named):
 
 def test_loss_is_finite_and_falls_when_trained(recipe, tiny, clips):
     cfg = tiny()
-    model = recipe.build_model(cfg)
-    batch = recipe.collate([recipe.decode(c, cfg) for c in clips[:4]])
+    model = recipe(cfg).build_model()
+    batch = recipe(cfg).collate([recipe(cfg).decode(c) for c in clips[:4]])
     assert batch["video"].shape == (4, 3, 8, 32, 32)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for step in range(30):
         generator = torch.Generator().manual_seed(step % 3)
-        loss = recipe.loss(model, batch, generator, cfg)
+        loss = recipe(cfg).loss(model, batch, generator, "model")
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -68,9 +69,9 @@ def test_a_given_first_frame_is_left_out_of_the_loss(recipe, tiny, clips, monkey
         seen.update(kwargs)
         return torch.zeros(())
 
-    monkeypatch.setattr("polydiff.video.recipe.diffusion_loss", spy)
-    batch = recipe.collate([recipe.decode(c, cfg) for c in clips[:2]])
-    recipe.loss(recipe.build_model(cfg), batch, torch.Generator().manual_seed(0), cfg)
+    monkeypatch.setattr("polydiff.core.modality.denoising.diffusion_loss", spy)
+    batch = recipe(cfg).collate([recipe(cfg).decode(c) for c in clips[:2]])
+    recipe(cfg).loss(recipe(cfg).build_model(), batch, torch.Generator().manual_seed(0), "model")
     assert seen["cond"]["first_frame_given"].all()
     torch.testing.assert_close(seen["cond"]["first_frame"], batch["video"][:, :, 0])
     assert (seen["mask"][:, :, 0] == 0).all() and (seen["mask"][:, :, 1:] == 1).all()
@@ -80,13 +81,12 @@ def test_preview_writes_an_mp4_and_a_contact_sheet(recipe, tiny, tmp_path):
     import av
 
     cfg = tiny()
-    model = recipe.build_model(cfg).train()
-    paths = recipe.preview(model, tmp_path, 0, cfg)
+    model = recipe(cfg).build_model().eval()  # the trainer previews in eval mode
+    paths = recipe(cfg).preview(model, tmp_path, 0)
     assert [p.name for p in paths] == ["previews.mp4", "previews.png"]
     with av.open(str(paths[0])) as container:
         frames = list(container.decode(video=0))
     assert len(frames) == 8 and frames[0].width == 5 * 32  # five prompts side by side
-    assert model.training
 
 
 def test_synthetic_and_source_entry_points(recipe, tmp_path):

@@ -1,17 +1,17 @@
 """The ``polydiff`` command line: make shards, train, generate — for every installed modality.
 
 Modalities come from the ``polydiff.modalities`` entry points (see
-``polydiff.core.train.recipe``); this module never imports one by name. User errors print one
+``polydiff.core.modality``); this module never imports one by name. User errors print one
 line and exit with status 2; they never end in a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 EXIT_USAGE = 2
 
@@ -20,10 +20,23 @@ class UsageError(ValueError):
     """Bad input from the user: reported as one line with exit status 2."""
 
 
-def _recipe(name: str):  # Recipe is imported lazily to keep --help fast
-    from polydiff.core.train import load_recipe
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one line (exit 2), not usage + error."""
 
-    return load_recipe(name)
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _modality(name: str):  # imported lazily to keep --help fast
+    from polydiff.core.modality import load_modality
+
+    return load_modality(name)
+
+
+def _version() -> str:
+    from polydiff.core.provenance import polydiff_version
+
+    return polydiff_version()
 
 
 # --------------------------------------------------------------------------- data
@@ -51,9 +64,11 @@ def _parse_source(spec: str) -> tuple[str, str, int | None]:
 def cmd_make_shards(args: argparse.Namespace) -> int:
     from polydiff.core.data import write_shards
 
-    recipe = _recipe(args.modality)
+    modality = _modality(args.modality)
     kind, what, count = _parse_source(args.source)
-    samples = recipe.synthetic(what, count) if kind == "synthetic" else recipe.source(Path(what))
+    samples = (
+        modality.synthetic(what, count) if kind == "synthetic" else modality.source(Path(what))
+    )
     if args.maxcount < 1:
         raise UsageError("--maxcount must be >= 1")
     summary = write_shards(
@@ -91,52 +106,78 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- generate
 
 
-def check_generate_args(args: argparse.Namespace) -> None:
-    """The checks every modality's generation shares (one clear line each)."""
+def generate_parser(modality: type) -> argparse.ArgumentParser:
+    """``polydiff generate MODALITY``'s options: the shared ones, then the modality's own."""
     from polydiff.core import SAMPLERS
+    from polydiff.core.modality import DTYPES
 
-    prompts = [p for p in (args.prompt or []) if p.strip()]
-    if not prompts:
-        raise UsageError("no prompt given: pass --prompt TEXT (an empty prompt list is an error)")
-    args.prompt = prompts
-    if args.sampler is not None and args.sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {args.sampler!r}; valid: {', '.join(SAMPLERS)}")
-    if args.guidance is not None and not (
-        math.isfinite(args.guidance) and 0 <= args.guidance <= 50
-    ):
-        raise UsageError(f"--guidance must be a number in [0, 50], got {args.guidance}")
-    if args.num < 1:
-        raise UsageError("--num must be >= 1")
-    if args.steps is not None and args.steps < 1:
-        raise UsageError("--steps must be >= 1")
-    if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
-        raise UsageError(f"checkpoint folder not found: {args.checkpoint}")
+    suffixes = ", ".join(modality.output_suffixes)
+    parser = _Parser(
+        prog=f"polydiff generate {modality.name}",
+        description=f"Generate {modality.name} outputs from prompts ({suffixes}); each file "
+        "records how it was made (embedded where the format allows, and a sidecar JSON).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--prompt", action="append", help="text prompt (repeat for several)")
+    add("--out", required=True, type=Path,
+        help=f"output file ({suffixes}); with several outputs FILE_0, FILE_1, ... in prompt "
+        "order, --num per prompt")  # fmt: skip
+    add("--checkpoint", default=None, help="checkpoint folder (default: the bundled model)")
+    add("--negative-prompt", default=None, help="guidance pushes away from this prompt")
+    add("--num", type=int, default=1, help="outputs per prompt")
+    add("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
+    add("--sampler", default=None, metavar="SAMPLER",
+        help=f"one of {', '.join(SAMPLERS)} (default: the checkpoint's)")  # fmt: skip
+    add("--guidance", type=float, default=None, help="CFG scale (default: the checkpoint's)")
+    add("--seed", type=int, default=0, help="seeds the noise: same seed, same output")
+    add("--batch-size", type=int, default=None, help="outputs per sampling batch")
+    add("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    add("--dtype", default="float32", choices=tuple(DTYPES), help="model and text encoder")
+    for option in modality.generate_options:
+        add(f"--{option.name.replace('_', '-')}", type=option.type, default=option.default,
+            help=option.help)  # fmt: skip
+    return parser
 
 
 def cmd_generate(argv: Sequence[str]) -> int:
-    from polydiff.core.train import available_modalities
+    from polydiff.core.modality import GenerationRequest, RequestError, generate_files
+    from polydiff.core.modality import available_modalities as installed
 
+    names = ", ".join(installed()) or "none installed"
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"usage: polydiff generate MODALITY --prompt TEXT --out FILE [options]\n"
+              f"modalities: {names}\n"
+              f"options of one: polydiff generate MODALITY --help")  # fmt: skip
+        return 0
     if not argv or argv[0].startswith("-"):
-        names = ", ".join(available_modalities()) or "none installed"
         raise UsageError(f"usage: polydiff generate MODALITY ...; installed: {names}")
-    modality, rest = argv[0], list(argv[1:])
-    recipe = _recipe(modality)
-    if not hasattr(recipe, "generate"):
-        raise UsageError(f"modality {modality!r} cannot generate from the command line")
-    parser = argparse.ArgumentParser(prog=f"polydiff generate {modality}")
-    parser.add_argument("--checkpoint", help="checkpoint folder (default: the bundled model)")
-    parser.add_argument("--prompt", action="append", help="text prompt (repeat for several)")
-    parser.add_argument("--out", required=True, type=Path, help="output file")
-    parser.add_argument("--num", type=int, default=1, help="samples per prompt")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps")
-    parser.add_argument("--sampler", default=None, help="sampler name")
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale")
-    parser.add_argument("--seed", type=int, default=0)
-    if hasattr(recipe, "add_generate_arguments"):
-        recipe.add_generate_arguments(parser)
-    args = parser.parse_args(rest)
-    check_generate_args(args)
-    for path in recipe.generate(args):
+    modality = _modality(argv[0])
+    args = generate_parser(modality).parse_args(list(argv[1:]))
+    request = GenerationRequest(
+        prompts=tuple(p for p in (args.prompt or []) if p.strip()),
+        num=args.num,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        sampler=args.sampler,
+        guidance=args.guidance,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        checkpoint=args.checkpoint,
+        progress=True,
+        options={
+            o.name: getattr(args, o.name)
+            for o in modality.generate_options
+            if getattr(args, o.name) is not None
+        },
+    )
+    try:
+        paths = generate_files(modality, request, args.out)
+    except RequestError as e:
+        raise UsageError(f"--{e.option.replace('_', '-')}: {e}") from e
+    for path in paths:
         print(path)
     return 0
 
@@ -145,8 +186,9 @@ def cmd_generate(argv: Sequence[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="polydiff", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="polydiff", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"polydiff {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("list", help="list installed modalities")
     data = sub.add_parser("data", help="datasets").add_subparsers(
         dest="data_command", required=True
@@ -180,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_generate(argv[1:])
         args = build_parser().parse_args(argv)
         if args.command == "list":
-            from polydiff.core.train import available_modalities
+            from polydiff.core.modality import available_modalities
 
             print("\n".join(available_modalities()) or "no modality installed")
             return 0

@@ -18,60 +18,36 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_SUFFIXES", "collate", "decode", "folder_source"]
+from polydiff.core.data.captions import captioned_source, payload_field, text_field
+
+__all__ = ["IMAGE_SUFFIXES", "decode", "folder_source", "probe"]
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 _PAYLOAD_FIELDS = ("png", "jpg", "jpeg")
+_UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
 
 
-def _skip(key: str, reason: str) -> Any:
-    # Imported at call time: polydiff.core.data is the shared shard layer, and this module
-    # must import without it (e.g. to decode samples in a loader worker).
-    from polydiff.core.data import Skip
-
-    return Skip(key, reason)
+def probe(payload: bytes) -> dict[str, Any]:
+    """``{"width", "height", "mode"}`` of encoded image bytes, decoding every pixel so a
+    truncated file fails here, not in training (ValueError naming the PIL error)."""
+    try:
+        with Image.open(io.BytesIO(payload)) as image:
+            image.load()
+            return {"width": image.width, "height": image.height, "mode": image.mode}
+    except _UNREADABLE as e:
+        raise ValueError(type(e).__name__) from e
 
 
 def folder_source(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Shard samples of the captioned images in ``path`` (recursively, sorted by path).
-
-    Yields:
-        ``{"__key__": "sub/cat", "png" | "jpg": encoded bytes, "txt": caption, "json":
-        {"file", "width", "height", "mode"}}`` per readable image, and
-        ``Skip(key, reason)`` for an image that cannot be decoded ("unreadable image") or has
-        no caption ("no caption").
+    """Shard samples of the captioned PNG/JPEG files in ``path`` (recursively, sorted by
+    path; see :func:`polydiff.core.data.captioned_source`): ``{"__key__", "png" | "jpg",
+    "txt", "json": {"file", "width", "height", "mode"}}``, or ``Skip(key, "unreadable image
+    (<PIL error>)")`` / ``Skip(key, "no caption")``.
 
     Raises:
         FileNotFoundError: ``path`` is not a folder.
     """
-    from polydiff.core.data import captioned_files
-
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"image source folder not found: {path}")
-    for entry in captioned_files(path, IMAGE_SUFFIXES):
-        key, relative = entry.key, entry.relative
-        payload = entry.path.read_bytes()
-        try:
-            with Image.open(io.BytesIO(payload)) as image:
-                image.load()  # decode every pixel: truncated files fail here, not in training
-                width, height, mode = image.width, image.height, image.mode
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            yield _skip(key, f"unreadable image ({type(e).__name__})")
-            continue
-        caption = entry.caption
-        if not caption:
-            yield _skip(key, "no caption")
-            continue
-        yield {
-            "__key__": key,
-            IMAGE_SUFFIXES[entry.path.suffix.lower()]: payload,
-            "txt": caption,
-            "json": {"file": relative.as_posix(), "width": width, "height": height, "mode": mode},
-        }
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes | bytearray) else str(value)
+    return captioned_source(path, IMAGE_SUFFIXES, probe, "image")
 
 
 def decode(sample: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -85,14 +61,12 @@ def decode(sample: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> dict[str,
         ValueError: no image field, or bytes that do not decode; the message names the key.
     """
     key = sample.get("__key__", "?")
-    field = next((f for f in _PAYLOAD_FIELDS if f in sample), None)
-    if field is None:
-        raise ValueError(f"sample {key!r} has no image field (expected one of {_PAYLOAD_FIELDS})")
+    field, payload = payload_field(sample, _PAYLOAD_FIELDS, "image")
     channels, size = int(model_cfg["channels"]), int(model_cfg["image_size"])
     try:
-        with Image.open(io.BytesIO(sample[field])) as opened:
+        with Image.open(io.BytesIO(payload)) as opened:
             image = opened.convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except _UNREADABLE as e:
         raise ValueError(f"sample {key!r}: corrupt {field} image ({e})") from e
     side = min(image.size)
     if image.width != image.height:
@@ -102,14 +76,4 @@ def decode(sample: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> dict[str,
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     tensor = torch.from_numpy(pixels[None] if channels == 1 else pixels.transpose(2, 0, 1).copy())
-    return {"image": tensor, "caption": _text(sample.get("txt", ""))}
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Decoded samples -> ``{"image": (B, C, H, W) float32, "caption": list[str]}``."""
-    if not samples:
-        raise ValueError("cannot collate an empty batch")
-    return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-    }
+    return {"image": tensor, "caption": text_field(sample.get("txt", ""))}

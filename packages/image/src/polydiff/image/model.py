@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from polydiff.core.blocks import DiT, UNet, grid_positions, patchify_2d, unpatchify_2d
-from polydiff.core.pretrained import Configurable
+from polydiff.core.modality.codec import frozen_codec
+from polydiff.core.pretrained import Configurable, class_path
 
 __all__ = ["KLAutoencoder", "LatentDiT", "PixelDiT", "PixelUNet"]
 
@@ -213,9 +214,12 @@ class KLAutoencoder(Configurable, nn.Module):
     enough for a latent denoiser (see ``ImageRecipe`` kind ``autoencoder``).
 
     The persistent buffer ``latent_std`` tracks the standard deviation of the latent means
-    seen in training (updated by the recipe's loss); a latent denoiser divides latents by it
+    seen in training (updated by the recipe's loss); as a
+    :class:`polydiff.core.modality.codec.LatentCodec` the autoencoder divides latents by it
     so that diffusion runs on unit-variance data.
     """
+
+    data_ndim = 3  # (C, H, W)
 
     def __init__(
         self,
@@ -276,6 +280,32 @@ class KLAutoencoder(Configurable, nn.Module):
         z = mean + torch.exp(0.5 * logvar) * noise.to(mean.dtype)
         return self.decode(z), mean, logvar
 
+    # --- LatentCodec -----------------------------------------------------------------------
+    @property
+    def latent_scale(self) -> Tensor:
+        return self.latent_std
+
+    @torch.no_grad()
+    def encode_latents(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) images in [-1, 1] -> (B, latent_channels, H/f, W/f) latents /
+        latent_std. Uses the posterior mean: the KL term keeps the variance small, and the
+        mean makes the latent of an image deterministic."""
+        mean, _ = self.encode(x)
+        return mean / self.latent_std.to(mean.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, z: Tensor) -> Tensor:
+        """Inverse of :meth:`encode_latents`: latents -> (B, C, h*f, w*f) images."""
+        return self.decode(z * self.latent_std.to(z.dtype))
+
+    def latent_shape(self, data_shape: Sequence[int]) -> tuple[int, ...]:
+        """(C, H, W) -> (latent_channels, H/f, W/f); ValueError when f does not divide H, W."""
+        _, height, width = data_shape
+        f = self.downsample_factor
+        if height % f or width % f:
+            raise ValueError(f"image size {(height, width)} must be divisible by {f}")
+        return (self.config["latent_channels"], height // f, width // f)
+
     @torch.no_grad()
     def track_latent_std(self, mean: Tensor) -> None:
         """Fold a batch of latent means into ``latent_std`` (running average, then EMA 0.99)."""
@@ -287,11 +317,12 @@ class KLAutoencoder(Configurable, nn.Module):
 
 
 class LatentDiT(Configurable, nn.Module):
-    """Text-conditioned DiT denoiser on the latents of a frozen :class:`KLAutoencoder`.
+    """Text-conditioned DiT denoiser on the latents of a frozen latent codec.
 
-    ``autoencoder`` is the autoencoder's config (its ``.config``), so a LatentDiT checkpoint
-    records it and holds its weights: generation needs nothing but this checkpoint. The
-    autoencoder's parameters are frozen (``requires_grad=False``).
+    ``autoencoder`` is the codec's config (its ``.config``) and ``autoencoder_class`` its
+    class (a :class:`KLAutoencoder` by default), so a LatentDiT checkpoint records the codec
+    and holds its weights: generation needs nothing but this checkpoint. The codec is frozen
+    (``requires_grad=False``).
 
     ``forward`` denoises normalised latents (B, latent_channels, h, w); ``encode`` /
     ``decode`` convert between images and these latents.
@@ -309,29 +340,24 @@ class LatentDiT(Configurable, nn.Module):
         pooled_dim: int = 384,
         qk_norm: bool = True,
         gradient_checkpointing: bool = False,
+        autoencoder_class: str = class_path(KLAutoencoder),
     ) -> None:
         super().__init__()
-        self.autoencoder = KLAutoencoder(**autoencoder).requires_grad_(False)
+        self.autoencoder = frozen_codec(autoencoder_class, autoencoder, "LatentDiT(autoencoder)")
         self.latent_channels = self.autoencoder.config["latent_channels"]
         self.net = _PatchDiT(
             self.latent_channels, patch, dim, depth, heads, mlp_ratio, context_dim, pooled_dim,
             qk_norm, gradient_checkpointing,
         )  # fmt: skip
 
-    @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) images in [-1, 1] -> (B, latent_channels, H/f, W/f) latents / latent_std.
+        """(B, C, H, W) images in [-1, 1] -> normalised latents (the codec's
+        ``encode_latents``)."""
+        return self.autoencoder.encode_latents(images)
 
-        Uses the posterior mean: the autoencoder's KL term keeps its variance small, and the
-        mean makes the latent of an image deterministic.
-        """
-        mean, _ = self.autoencoder.encode(images)
-        return mean / self.autoencoder.latent_std.to(mean.dtype)
-
-    @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Inverse of :meth:`encode`: (B, latent_channels, h, w) -> (B, C, h*f, w*f) images."""
-        return self.autoencoder.decode(latents * self.autoencoder.latent_std.to(latents.dtype))
+        return self.autoencoder.decode_latents(latents)
 
     def forward(
         self,

@@ -15,7 +15,6 @@ a random start, resized to cover the bucket's height x width and centre-cropped.
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,13 +25,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from polydiff.core.data.captions import (
+    captioned_source,
+    metadata_field,
+    payload_field,
+    text_field,
+)
+
 __all__ = [
     "DECODERS",
     "VIDEO_FIELDS",
     "VIDEO_SUFFIXES",
     "choose_bucket",
     "clip_indices",
-    "collate",
     "count_frames",
     "decode",
     "folder_source",
@@ -46,23 +51,16 @@ VIDEO_FIELDS = tuple(dict.fromkeys(VIDEO_SUFFIXES.values()))
 DECODERS = ("auto", "decord", "pyav")
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes | bytearray) else str(value)
-
-
 def _meta(sample: Mapping[str, Any]) -> dict[str, Any]:
-    meta = sample.get("json", {})
-    if isinstance(meta, bytes | bytearray | str):
-        meta = json.loads(meta)
-    return dict(meta)
+    """The sample's metadata, probed from its bytes when a shard written elsewhere lacks it."""
+    meta = metadata_field(sample)
+    if "frames" not in meta or "fps" not in meta:
+        meta = {**probe(_payload(sample)), **meta}
+    return meta
 
 
-def _payload(sample: Mapping[str, Any]) -> tuple[str, bytes]:
-    key = sample.get("__key__", "?")
-    field = next((f for f in VIDEO_FIELDS if f in sample), None)
-    if field is None:
-        raise ValueError(f"sample {key!r} has no video field (expected one of {VIDEO_FIELDS})")
-    return field, bytes(sample[field])
+def _payload(sample: Mapping[str, Any]) -> bytes:
+    return payload_field(sample, VIDEO_FIELDS, "video")[1]
 
 
 # --------------------------------------------------------------------------- probing
@@ -123,37 +121,18 @@ def probe(payload: bytes) -> dict[str, Any]:
 def folder_source(path: str | Path) -> Iterator[dict[str, Any]]:
     """Shard samples of the captioned videos in ``path`` (recursively, sorted by path):
     MP4, WebM, AVI, MOV and MKV files with a sidecar ``.txt`` or a ``captions.csv`` /
-    ``captions.jsonl`` entry (see :mod:`polydiff.core.data.captions`).
+    ``captions.jsonl`` entry (see :func:`polydiff.core.data.captioned_source`).
 
     Yields:
         ``{"__key__", "<suffix>": encoded bytes, "txt": caption, "json": {"file", "fps",
         "frames", "width", "height", "codec"}}`` per readable video, and
-        ``Skip(key, reason)`` for one that cannot be read ("unreadable video: ...") or has no
+        ``Skip(key, reason)`` for one that cannot be read ("unreadable video (...)") or has no
         caption ("no caption").
 
     Raises:
         FileNotFoundError: ``path`` is not a folder.
     """
-    from polydiff.core.data import Skip, captioned_files
-
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"video source folder not found: {path}")
-    for entry in captioned_files(path, VIDEO_SUFFIXES):
-        payload = entry.path.read_bytes()
-        try:
-            meta = probe(payload)
-        except ValueError as e:
-            yield Skip(entry.key, f"unreadable video: {e}")
-            continue
-        if not entry.caption:
-            yield Skip(entry.key, "no caption")
-            continue
-        yield {
-            "__key__": entry.key,
-            VIDEO_SUFFIXES[entry.path.suffix.lower()]: payload,
-            "txt": entry.caption,
-            "json": {"file": entry.relative.as_posix(), **meta},
-        }
+    return captioned_source(path, VIDEO_SUFFIXES, probe, "video")
 
 
 # --------------------------------------------------------------------------- clips
@@ -324,10 +303,8 @@ def decode(sample: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> dict[str,
     """
     key = sample.get("__key__", "?")
     try:
-        payload = _payload(sample)[1]
-        meta = _meta(sample)
-        if "frames" not in meta or "fps" not in meta:  # shards written by another tool
-            meta = {**probe(payload), **meta}
+        payload = _payload(sample)
+        meta = _meta(sample)  # probed when a shard written by another tool lacks it
         frames, height, width = choose_bucket(meta, model_buckets(model_cfg), model_cfg["fps"])
         indices = clip_indices(
             int(meta["frames"]), float(meta["fps"]), frames, float(model_cfg["fps"]), random
@@ -340,25 +317,9 @@ def decode(sample: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> dict[str,
     video = resize_crop(pixels, height, width)
     if int(model_cfg["channels"]) == 1:
         video = (video * torch.tensor([0.299, 0.587, 0.114])[:, None, None, None]).sum(0)[None]
-    return {"video": video, "caption": _text(sample.get("txt", ""))}
+    return {"video": video, "caption": text_field(sample.get("txt", ""))}
 
 
 def bucket(sample: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> tuple[int, int, int]:
     """The sample's (frames, height, width) bucket from its metadata (nothing decoded)."""
-    meta = _meta(sample)
-    if "frames" not in meta or "fps" not in meta:
-        meta = {**probe(_payload(sample)[1]), **meta}
-    return choose_bucket(meta, model_buckets(model_cfg), model_cfg["fps"])
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Decoded samples of one bucket -> ``{"video": (B, C, T, H, W), "caption": list[str]}``."""
-    if not samples:
-        raise ValueError("cannot collate an empty batch")
-    shapes = {tuple(s["video"].shape) for s in samples}
-    if len(shapes) != 1:
-        raise ValueError(f"cannot collate videos of different shapes {sorted(shapes)}")
-    return {
-        "video": torch.stack([s["video"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-    }
+    return choose_bucket(_meta(sample), model_buckets(model_cfg), model_cfg["fps"])

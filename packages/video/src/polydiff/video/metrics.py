@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polydiff.core.metrics import frechet_distance
+from polydiff.core.pixels import to_uint8
 from polydiff.core.pretrained import Configurable, from_pretrained, save_pretrained
 
 from . import data, synthetic
@@ -186,16 +187,18 @@ def real_clips(count: int, seed: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
         decoded [-1, 1] clips, exact: they came from 8-bit frames) and
         ``{"shape", "colour", "motion"}`` (count,) int64 label indices.
     """
-    from .recipe import VideoRecipe
+    from polydiff.core.modality.schema import validate_schema
 
-    cfg = VideoRecipe().validate({})
+    from .config import VideoConfig
+
+    cfg = validate_schema(VideoConfig, {})
     videos, labels = [], {name: [] for name in HEADS}
     state = random.getstate()  # decode draws the clip start from Python's random
     try:
         random.seed(seed)
         for sample in synthetic.moving_shapes(count, seed=seed):
             video = data.decode(sample, cfg)["video"]
-            videos.append(((video + 1.0) * 127.5).round().to(torch.uint8))
+            videos.append(to_uint8(video))
             for name in HEADS:
                 labels[name].append(_LABELS[name].index(sample["json"][name]))
     finally:

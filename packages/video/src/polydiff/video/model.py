@@ -16,15 +16,11 @@ image-to-video. The call signature is what ``diffusion_loss`` and ``sample`` pas
     model(x, t, context=None, context_mask=None, pooled=None, first_frame=None,
           first_frame_given=None) -> Tensor shaped like x
 
-Latent video diffusion: give the DiT a frozen autoencoder (``autoencoder_class`` +
-``autoencoder`` config; its weights travel in the same checkpoint) and it diffuses the
-autoencoder's latents. Two kinds plug in:
-
-- a per-frame (2D) image autoencoder: ``encode(images) -> mean`` or ``(mean, logvar)`` and
-  ``decode(latents)``, optionally a ``latent_std`` buffer (latents are divided by it), such as
-  ``polydiff.image.model.KLAutoencoder``; frames are encoded one by one;
-- a 3D (spacetime) autoencoder: ``encode_video(video) -> latents`` and
-  ``decode_video(latents)`` on (B, C, T, H, W), which may also compress time.
+Latent video diffusion: give the DiT a frozen latent codec (``autoencoder_class`` +
+``autoencoder`` config, a :class:`polydiff.core.modality.codec.LatentCodec`; its weights
+travel in the same checkpoint) and it diffuses the codec's latents. A 2D image codec
+(``data_ndim`` 3, such as ``polydiff.image.model.KLAutoencoder``) is applied frame by frame;
+a spacetime codec (``data_ndim`` 4) takes whole clips and may also compress time.
 """
 
 from __future__ import annotations
@@ -37,46 +33,22 @@ from torch import Tensor, nn
 
 from polydiff.core.blocks import DiT, grid_positions, spacetime_patchify, spacetime_unpatchify
 from polydiff.core.blocks.dit import AttentionLayout
-from polydiff.core.pretrained import Configurable, import_class
+from polydiff.core.modality.codec import decode_frames, encode_frames, frozen_codec
+from polydiff.core.pretrained import Configurable
 
-__all__ = ["VideoDiT", "codec_decode", "codec_encode", "first_frame_condition", "latent_shape"]
-
-
-@torch.no_grad()
-def codec_encode(autoencoder: nn.Module, video: Tensor) -> Tensor:
-    """(B, C, T, H, W) pixels in [-1, 1] -> (B, c, t, h, w) latents of a frozen autoencoder:
-    its ``encode_video`` (3D), or its ``encode`` frame by frame (the posterior mean when it
-    returns (mean, logvar)), divided by its ``latent_std`` buffer when it has one."""
-    if hasattr(autoencoder, "encode_video"):
-        return autoencoder.encode_video(video)
-    b, t = video.shape[0], video.shape[2]
-    latents = autoencoder.encode(video.transpose(1, 2).flatten(0, 1))  # (B*T, C, H, W) in
-    latents = latents[0] if isinstance(latents, tuple) else latents
-    if hasattr(autoencoder, "latent_std"):
-        latents = latents / autoencoder.latent_std.to(latents.dtype)
-    return latents.unflatten(0, (b, t)).transpose(1, 2)
-
-
-@torch.no_grad()
-def codec_decode(autoencoder: nn.Module, latents: Tensor) -> Tensor:
-    """Inverse of :func:`codec_encode`: (B, c, t, h, w) latents -> (B, C, T, H, W) pixels."""
-    if hasattr(autoencoder, "decode_video"):
-        return autoencoder.decode_video(latents)
-    b, t = latents.shape[0], latents.shape[2]
-    frames = latents.transpose(1, 2).flatten(0, 1)
-    if hasattr(autoencoder, "latent_std"):
-        frames = frames * autoencoder.latent_std.to(frames.dtype)
-    return autoencoder.decode(frames).unflatten(0, (b, t)).transpose(1, 2)
+__all__ = ["VideoDiT", "first_frame_condition", "latent_shape"]
 
 
 def latent_shape(
-    autoencoder: nn.Module, channels: int, frames: int, height: int, width: int
+    codec: nn.Module, channels: int, frames: int, height: int, width: int
 ) -> tuple[int, int, int, int]:
-    """(c, t, h, w) of the latents of a (channels, frames, height, width) clip (one probe)."""
-    param = next(autoencoder.parameters())
-    probe = torch.zeros((1, channels, frames, height, width), dtype=param.dtype,
-                        device=param.device)  # fmt: skip
-    return tuple(codec_encode(autoencoder, probe).shape[1:])  # type: ignore[return-value]
+    """(c, t, h, w) of a latent codec's latents of a (channels, frames, height, width) clip:
+    a 2D codec keeps the frame count, a spacetime codec says (ValueError if it cannot take
+    that size)."""
+    if codec.data_ndim == 3:
+        c, h, w = codec.latent_shape((channels, height, width))
+        return (c, frames, h, w)
+    return tuple(codec.latent_shape((channels, frames, height, width)))  # type: ignore[return-value]
 
 
 def first_frame_condition(
@@ -153,8 +125,8 @@ class VideoDiT(Configurable, nn.Module):
         super().__init__()
         self.autoencoder: nn.Module | None = None
         if autoencoder_class is not None:
-            codec = import_class(autoencoder_class, "VideoDiT(autoencoder_class=...)")
-            self.autoencoder = codec(**(autoencoder or {})).requires_grad_(False)
+            where = "VideoDiT(autoencoder_class=...)"
+            self.autoencoder = frozen_codec(autoencoder_class, autoencoder or {}, where)
         if len(patch) != 3 or any(int(p) < 1 for p in patch):
             raise ValueError(f"patch must be three sizes (pt, ph, pw) >= 1, got {patch}")
         self.channels = channels
@@ -182,12 +154,24 @@ class VideoDiT(Configurable, nn.Module):
     # --- latent space ----------------------------------------------------------------------
     def encode_video(self, video: Tensor) -> Tensor:
         """(B, C, T, H, W) pixels in [-1, 1] -> what the DiT diffuses (identity in pixel
-        space); see :func:`codec_encode`."""
-        return video if self.autoencoder is None else codec_encode(self.autoencoder, video)
+        space; a 2D codec frame by frame)."""
+        codec = self.autoencoder
+        if codec is None:
+            return video
+        if codec.data_ndim == 3:
+            return encode_frames(codec, video)
+        with torch.no_grad():
+            return codec.encode_latents(video)
 
     def decode_video(self, latents: Tensor) -> Tensor:
         """Inverse of :meth:`encode_video`."""
-        return latents if self.autoencoder is None else codec_decode(self.autoencoder, latents)
+        codec = self.autoencoder
+        if codec is None:
+            return latents
+        if codec.data_ndim == 3:
+            return decode_frames(codec, latents)
+        with torch.no_grad():
+            return codec.decode_latents(latents)
 
     def model_shape(self, pixel_channels: int, frames: int, height: int, width: int) -> tuple:
         """(C, T, H, W) of what the DiT diffuses for clips of that pixel size."""

@@ -10,7 +10,16 @@
   from its ``state_dict()``.
 """
 
-from .captions import CaptionedFile, captioned_files, read_captions, sample_key
+from .captions import (
+    CaptionedFile,
+    captioned_files,
+    captioned_source,
+    metadata_field,
+    payload_field,
+    read_captions,
+    sample_key,
+    text_field,
+)
 from .shards import (
     INDEX_NAME,
     ShardSummary,
@@ -32,10 +41,14 @@ __all__ = [
     "Skip",
     "StreamStats",
     "captioned_files",
+    "captioned_source",
     "expand_urls",
     "iter_shard",
+    "metadata_field",
+    "payload_field",
     "read_captions",
     "sample_key",
     "shard_counts",
+    "text_field",
     "write_shards",
 ]

@@ -13,11 +13,23 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["CaptionedFile", "captioned_files", "read_captions", "sample_key"]
+from .shards import Skip
+
+__all__ = [
+    "CaptionedFile",
+    "captioned_files",
+    "captioned_source",
+    "metadata_field",
+    "payload_field",
+    "read_captions",
+    "sample_key",
+    "text_field",
+]
 
 
 def read_captions(folder: Path) -> dict[str, str]:
@@ -92,3 +104,71 @@ def captioned_files(folder: str | Path, suffixes: Iterable[str]) -> Iterator[Cap
         else:
             caption = captions.get(relative.as_posix(), "").strip()
         yield CaptionedFile(file, relative, sample_key(relative), caption)
+
+
+def captioned_source(
+    folder: str | Path,
+    suffixes: Mapping[str, str],
+    probe: Callable[[bytes], dict[str, Any]],
+    what: str,
+) -> Iterator[dict[str, Any] | Skip]:
+    """Shard samples of the captioned files of ``folder`` (recursively, sorted by path): the
+    skeleton of every modality's ``source``.
+
+    Args:
+        suffixes: file suffix -> shard field (``{".jpeg": "jpg", ...}``).
+        probe: encoded bytes -> metadata (sizes, rates) read from the content itself; raises
+            ``ValueError`` (its message says why) for a file that cannot be read.
+        what: the kind of file, for skip reasons ("image", "video").
+
+    Yields:
+        ``{"__key__", <field>: encoded bytes, "txt": caption, "json": {"file", **probe}}`` per
+        readable file, and ``Skip(key, "unreadable <what> (<why>)")`` or
+        ``Skip(key, "no caption")``.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a folder.
+    """
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{what} source folder not found: {folder}")
+    for entry in captioned_files(folder, suffixes):
+        payload = entry.path.read_bytes()
+        try:
+            meta = probe(payload)
+        except ValueError as e:
+            yield Skip(entry.key, f"unreadable {what} ({e})")
+            continue
+        if not entry.caption:
+            yield Skip(entry.key, "no caption")
+            continue
+        yield {
+            "__key__": entry.key,
+            suffixes[entry.path.suffix.lower()]: payload,
+            "txt": entry.caption,
+            "json": {"file": entry.relative.as_posix(), **meta},
+        }
+
+
+def text_field(value: Any) -> str:
+    """A shard's text field (``bytes`` as read back, or ``str`` as written) as ``str``."""
+    return value.decode("utf-8") if isinstance(value, bytes | bytearray) else str(value)
+
+
+def metadata_field(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """A sample's ``json`` field as a dict (empty when absent)."""
+    meta = sample.get("json", {})
+    if isinstance(meta, bytes | bytearray | str):
+        meta = json.loads(meta)
+    return dict(meta)
+
+
+def payload_field(
+    sample: Mapping[str, Any], fields: Iterable[str], what: str = "payload"
+) -> tuple[str, bytes]:
+    """The first of ``fields`` a sample has, and its bytes (ValueError naming the key)."""
+    fields = tuple(fields)
+    field = next((f for f in fields if f in sample), None)
+    if field is None:
+        key = sample.get("__key__", "?")
+        raise ValueError(f"sample {key!r} has no {what} field (expected one of {fields})")
+    return field, bytes(sample[field])
