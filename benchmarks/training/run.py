@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from polydiff.core.data import ShardStream, write_shards
-from polydiff.core.train import launch, load_recipe
+from polydiff.core.train import launch, load_modality
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "shared" / "configs" / "image" / "digits.yaml"
@@ -34,31 +34,32 @@ OUT = Path(__file__).resolve().parent / "out"
 
 
 def make_shards(root: Path) -> Path:
-    recipe = load_recipe("image")
     shards = root / "digits"
-    write_shards(recipe.synthetic("digits", None), shards, maxcount=500)
+    write_shards(load_modality("image").synthetic("digits", None), shards, maxcount=500)
     return shards
 
 
 def bare_loop(shards: Path, steps: int) -> list[float]:
     """The same model, data and optimizer, with nothing but forward, backward and step."""
     cfg = yaml.safe_load(CONFIG.read_text())
-    recipe = load_recipe("image")
-    model_cfg = recipe.validate(cfg["model"])
+    recipe = load_modality("image").from_config(cfg["model"])
     torch.manual_seed(0)
-    model = recipe.build_model(model_cfg)
+    model = recipe.build_model()
     opt = torch.optim.AdamW(model.parameters(), lr=float(cfg["train"]["lr"]))
     stream = ShardStream(
         str(shards),
-        decode=lambda s: recipe.decode(s, model_cfg),
+        decode=recipe.decode,
         collate=recipe.collate,
+        bucket=recipe.bucket,
         batch_size=cfg["train"]["batch_size"],
     )
     gen = torch.Generator().manual_seed(0)
     batches, times = iter(stream), []
     for _ in range(steps):
         start = time.perf_counter()
-        loss = recipe.loss(model, next(batches), gen, model_cfg)
+        loss = recipe.loss(model, next(batches), gen, "model")
+        if isinstance(loss, tuple):  # (loss, extras for metrics.jsonl)
+            loss = loss[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -126,7 +126,7 @@ def client_state(checkpoint: Path) -> dict[str, Any]:
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """70 vectors in shards of 20, 20, 20, 10 (uneven)."""
     out = tmp_path_factory.mktemp("shards")
-    write_shards(TinyRecipe().synthetic("gauss", 70), out, maxcount=20)
+    write_shards(TinyRecipe.synthetic("gauss", 70), out, maxcount=20)
     return out
 
 
@@ -296,6 +296,7 @@ def test_one_process_run_writes_metrics_previews_checkpoints_and_a_loadable_fina
     assert rows[0]["lr"] == pytest.approx(5e-4)  # warm-up: step 1 of 2
     assert rows[-1]["lr"] == pytest.approx(0.0)  # cosine to min_lr at decay_steps
 
+    assert (uninterrupted / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     previews = sorted(p.name for p in (uninterrupted / "previews").iterdir())
     assert previews == ["step_000005", "step_000010", "step_000012"]  # and the last step
     assert (uninterrupted / "previews" / "step_000010" / "samples.npy").is_file()
@@ -350,24 +351,25 @@ def test_resume_skips_half_written_and_corrupt_checkpoints_for_the_previous_comp
     assert not (checkpoints / "tmp-step_000008").exists()  # the leftover is cleaned up
 
 
-def test_kill_9_mid_run_loses_only_steps_since_the_checkpoint_and_resume_finishes(
-    shards, uninterrupted, tmp_path
-):
-    config = write_config(tmp_path, shards, checkpoint_every=3, preview_every=0)
-    run = tmp_path / "run"
+def kill_after_checkpoint(
+    config: Path, run: Path, *, num_procs: int, delay: float, steps_after: int
+) -> int:
+    """Launch ``config`` into ``run`` with every forward pass slowed by ``delay`` s, kill -9
+    its whole process group once ``steps_after`` steps are logged past a checkpoint, check
+    that nothing survives, and return the checkpoint's step."""
     code = (
         "import sys; from polydiff.core.train import launch; "
-        f"sys.exit(launch({str(config)!r}, out={str(run)!r}))"
+        f"sys.exit(launch({str(config)!r}, out={str(run)!r}, num_procs={num_procs}))"
     )
-    env = {**os.environ, **ENV, "TINY_STEP_DELAY": "0.3"}
+    env = {**os.environ, **ENV, "TINY_STEP_DELAY": str(delay)}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # a checkpoint, then two more logged steps
+        while time.monotonic() < deadline:
             latest = run / "checkpoints" / "latest"
             if latest.exists() and (run / "metrics.jsonl").exists():
                 saved = int(latest.read_text().removeprefix("step_"))
-                if max(logged_so_far(run), default=0) >= saved + 2:
+                if max(logged_so_far(run), default=0) >= saved + steps_after:
                     break
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.05)
@@ -376,9 +378,18 @@ def test_kill_9_mid_run_loses_only_steps_since_the_checkpoint_and_resume_finishe
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # launcher, DeepSpeed's launchers and workers
         proc.wait()
+    assert not survivors(proc.pid)  # nothing of the run survives the kill
+    return saved
+
+
+def test_kill_9_mid_run_loses_only_steps_since_the_checkpoint_and_resume_finishes(
+    shards, uninterrupted, tmp_path
+):
+    config = write_config(tmp_path, shards, checkpoint_every=3, preview_every=0)
+    run = tmp_path / "run"
+    saved = kill_after_checkpoint(config, run, num_procs=1, delay=0.3, steps_after=2)
     logged = losses(run)
     assert saved < max(logged) < 12
-    assert not survivors(proc.pid)  # nothing of the run survives the kill
 
     with pytest.raises(RunError, match="--resume"):  # refused before any process starts
         launch(config, out=run, extra_env=ENV)
@@ -391,10 +402,9 @@ def test_kill_9_mid_run_loses_only_steps_since_the_checkpoint_and_resume_finishe
 
 def test_two_process_bf16_zero2_run_completes_and_ranks_consume_equal_batches(tmp_path):
     # Every 10th sample corrupt: skipped, counted in the metrics, the run goes on.
-    recipe = TinyRecipe()
     samples = [
         corrupt_sample(s["__key__"]) if i % 10 == 5 else s
-        for i, s in enumerate(recipe.synthetic("gauss", 70))
+        for i, s in enumerate(TinyRecipe.synthetic("gauss", 70))
     ]
     write_shards(samples, tmp_path / "shards", maxcount=20)
     config = write_config(

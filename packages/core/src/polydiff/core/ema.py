@@ -170,6 +170,15 @@ class EMA:
         for name, b in copied.items():
             b.copy_(self.copied[name])
 
+    @torch.no_grad()
+    def copy_buffers_from(self, model: nn.Module) -> None:
+        """Take ``model``'s buffers (and non-floating parameters) as they are now, without
+        averaging or counting an update: e.g. statistics written into buffers after the EMA
+        was made."""
+        _, copied = self._tensors(model)
+        for name, b in copied.items():
+            self.copied[name].copy_(b.detach())
+
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
         """Context manager: the EMA weights live in ``model`` inside the block.

@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.metadata
 import inspect
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -45,6 +43,7 @@ import torch
 from torch import nn
 
 from polydiff.core.ema import unwrap_model
+from polydiff.core.provenance import polydiff_version
 
 __all__ = [
     "CONFIG_NAME",
@@ -118,13 +117,6 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _polydiff_version() -> str:
-    try:
-        return importlib.metadata.version("polydiff-core")
-    except importlib.metadata.PackageNotFoundError:  # e.g. a vendored source tree
-        return "unknown"
-
-
 def fsync_path(path: Path) -> None:
     """Flush a file or folder to disk (best effort: some platforms cannot sync folders)."""
     try:
@@ -143,8 +135,11 @@ def _write_pair(
     model: nn.Module, config_text: str, weights: Path, config: Path, ckpt_id: str
 ) -> None:
     safetensors.torch.save_model(model, str(weights), metadata={_ID_KEY: ckpt_id})
-    fsync_path(weights)
     config.write_text(config_text, encoding="utf-8")
+    # safetensors creates its file 0o600; open() gave config.json the user's normal
+    # permissions (0o666 less the umask), and the weights get the same.
+    os.chmod(weights, config.stat().st_mode & 0o777)
+    fsync_path(weights)
     fsync_path(config)
 
 
@@ -180,7 +175,7 @@ def save_pretrained(
     record = {
         "class": class_path(type(model)),
         "config": config,
-        "polydiff_version": _polydiff_version(),
+        "polydiff_version": polydiff_version(),
         "checkpoint_id": ckpt_id,
     }
     try:
@@ -194,7 +189,9 @@ def save_pretrained(
     folder.parent.mkdir(parents=True, exist_ok=True)
     if not folder.exists():
         # New checkpoint: build it in a sibling temp folder, then one atomic rename.
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        # mkdir applies the umask (drwxr-xr-x under 022), unlike mkdtemp's private 0o700.
+        tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex}"
+        tmp.mkdir(mode=0o777)
         try:
             _write_pair(model, config_text, tmp / WEIGHTS_NAME, tmp / CONFIG_NAME, ckpt_id)
             os.rename(tmp, folder)

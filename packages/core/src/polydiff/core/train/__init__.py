@@ -1,19 +1,29 @@
-"""The shared DeepSpeed trainer: recipes, configs, the training loop and its launcher.
+"""The shared DeepSpeed trainer: configs, the training loop and its launcher.
 
-``launch(config, ...)`` checks a YAML config and runs ``python -m polydiff.core.train.worker``
-under the ``deepspeed`` launcher; each process runs :func:`polydiff.core.train.trainer.train`.
-DeepSpeed itself is imported only inside the processes (and by ``trainer``).
+A modality plugs in as a :class:`polydiff.core.modality.Modality` (found by entry point, see
+:func:`load_modality`). ``launch(config, ...)`` checks a YAML config and runs
+``python -m polydiff.core.train.worker`` under the ``deepspeed`` launcher; each process runs
+:func:`polydiff.core.train.trainer.train`. DeepSpeed itself is imported only inside the
+processes (and by ``trainer``).
 """
 
-from .config import DataConfig, OptimConfig, TrainConfig, load_config
+from polydiff.core.modality.contract import (
+    ENTRY_POINT_GROUP,
+    Modality,
+    available_modalities,
+    load_modality,
+)
+
+from .config import ConfigError, DataConfig, OptimConfig, TrainConfig, load_config
 from .launch import build_command, launch
-from .recipe import ENTRY_POINT_GROUP, ConfigError, Recipe, available_modalities, load_recipe
-from .trainer import RunError
+from .recipe import Recipe, load_recipe  # the trainer's names for Modality, load_modality
+from .trainer import RunError, plot_metrics
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "ConfigError",
     "DataConfig",
+    "Modality",
     "OptimConfig",
     "Recipe",
     "RunError",
@@ -22,5 +32,7 @@ __all__ = [
     "build_command",
     "launch",
     "load_config",
+    "load_modality",
     "load_recipe",
+    "plot_metrics",
 ]

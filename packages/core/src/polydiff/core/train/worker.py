@@ -12,8 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .config import cli_overrides, load_config
-from .recipe import ConfigError
+from .config import ConfigError, cli_overrides, load_config
 
 __all__ = ["main", "parser"]
 
