@@ -64,11 +64,11 @@ def _train_steps(spec: dict[str, Any], queue: Any) -> None:
     torch.set_num_threads(spec["threads"])
     from polydiff.video.recipe import VideoRecipe
 
-    recipe = VideoRecipe()
-    cfg = recipe.validate(spec["model"])
+    recipe = VideoRecipe.from_config(spec["model"])
+    cfg = recipe.config
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    model = recipe.build_model(cfg).to(device)
+    model = recipe.build_model().to(device)
     dtype = torch.bfloat16 if spec["bf16"] else torch.float32
     model = model.to(dtype)
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -78,7 +78,7 @@ def _train_steps(spec: dict[str, Any], queue: Any) -> None:
         "caption": ["a red circle moving left"] * spec["batch"],
     }
     generator = torch.Generator(device).manual_seed(0)
-    recipe.loss(model, batch, generator, cfg)  # load the text encoder before measuring
+    recipe.loss(model, batch, generator, "model")  # load the text encoder before measuring
     base = _rss_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -87,7 +87,7 @@ def _train_steps(spec: dict[str, Any], queue: Any) -> None:
     with _PeakRSS() as rss:
         for _ in range(spec["steps"]):
             start = time.perf_counter()
-            loss = recipe.loss(model, batch, generator, cfg)
+            loss = recipe.loss(model, batch, generator, "model")
             loss.backward()
             optimiser.step()
             optimiser.zero_grad(set_to_none=True)

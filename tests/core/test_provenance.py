@@ -27,6 +27,7 @@ from polydiff.core.provenance import (
     sidecar_path,
     write_sidecar,
 )
+from tests.provenance_fixtures import records
 
 FIELDS = [
     "format",
@@ -45,35 +46,8 @@ FIELDS = [
 ]
 
 
-@pytest.fixture
-def umask_022():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
-
-
-@pytest.fixture
-def checkpoint(tmp_path):
-    folder = tmp_path / "final"
-    folder.mkdir()
-    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 20)
-    (folder / "config.json").write_text("{}")
-    return folder
-
-
 def record(checkpoint, **overrides):
-    options = dict(
-        modality="image",
-        prompt="a handwritten digit 7",
-        index=1,
-        seed=3,
-        sampler="unipc",
-        steps=30,
-        guidance=3.0,
-        checkpoint=checkpoint,
-    )
-    options.update(overrides)
-    return provenance.provenance(**options)
+    return records(checkpoint, 2, seed=3, **overrides)[1]
 
 
 # --- records --------------------------------------------------------------------------
@@ -207,11 +181,11 @@ def test_a_sidecar_is_written_atomically_with_normal_permissions(tmp_path, check
     assert json.loads(path.read_text(encoding="utf-8")) == made
     assert "ein Bild — ü" in path.read_text(encoding="utf-8")  # readable, not \u-escaped
     assert path.stat().st_mode & 0o777 == 0o644
-    assert sorted(os.listdir(tmp_path)) == ["final", "out.png.json"]  # no temporary left
+    assert sorted(os.listdir(tmp_path)) == ["out.png.json"]  # no temporary left
     with pytest.raises(ValueError, match="is not JSON"):
         write_sidecar(out, {**made, "bad": float("nan")})
     assert json.loads(path.read_text(encoding="utf-8")) == made  # the old one is untouched
-    assert sorted(os.listdir(tmp_path)) == ["final", "out.png.json"]
+    assert sorted(os.listdir(tmp_path)) == ["out.png.json"]
 
 
 def test_atomic_output_replaces_the_target_only_when_the_writing_succeeds(tmp_path, umask_022):

@@ -8,23 +8,9 @@ import os
 import pytest
 from PIL import Image
 
-from polydiff.core.provenance import check_output, provenance
+from polydiff.core.provenance import check_output
 from polydiff.image.export import IMAGE_OUTPUT_SUFFIXES, output_paths, save_images, write_png
-
-
-@pytest.fixture
-def umask_022():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
-
-
-@pytest.fixture
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpt") / "digits"
-    folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"weights" * 100)
-    return folder
+from tests.provenance_fixtures import records
 
 
 def _images(n):
@@ -32,19 +18,7 @@ def _images(n):
 
 
 def _records(checkpoint, n, prompt="a handwritten digit 7"):
-    return [
-        provenance(
-            modality="image",
-            prompt=prompt,
-            index=i,
-            seed=0,
-            sampler="unipc",
-            steps=30,
-            guidance=3.0,
-            checkpoint=checkpoint,
-        )
-        for i in range(n)
-    ]
+    return records(checkpoint, n, prompt=prompt)
 
 
 def test_one_image_is_written_to_the_given_file(tmp_path):

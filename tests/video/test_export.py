@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from polydiff.core.provenance import check_output, provenance
+from polydiff.core.provenance import check_output
 from polydiff.video.export import (
     VIDEO_OUTPUT_SUFFIXES,
     encode_mp4,
@@ -20,21 +20,7 @@ from polydiff.video.export import (
     write_gif,
     write_mp4,
 )
-
-
-@pytest.fixture
-def umask_022():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
-
-
-@pytest.fixture
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpt") / "shapes"
-    folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"weights" * 100)
-    return folder
+from tests.provenance_fixtures import records
 
 
 def _video(seed=0, frames=6, size=16):
@@ -43,21 +29,7 @@ def _video(seed=0, frames=6, size=16):
 
 
 def _records(checkpoint, n, prompt="a red circle moving left"):
-    return [
-        provenance(
-            modality="video",
-            prompt=prompt,
-            index=i,
-            seed=0,
-            sampler="unipc",
-            steps=3,
-            guidance=3.0,
-            checkpoint=checkpoint,
-            frames=6,
-            fps=8.0,
-        )
-        for i in range(n)
-    ]
+    return records(checkpoint, n, modality="video", prompt=prompt, steps=3, frames=6, fps=8.0)
 
 
 def test_an_mp4_carries_its_record_in_the_container_comment(tmp_path, checkpoint):

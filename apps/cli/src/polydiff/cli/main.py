@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import NoReturn
 
@@ -116,7 +117,6 @@ def generate_parser(modality: type) -> argparse.ArgumentParser:
         prog=f"polydiff generate {modality.name}",
         description=f"Generate {modality.name} outputs from prompts ({suffixes}); each file "
         "records how it was made (embedded where the format allows, and a sidecar JSON).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
     add("--prompt", action="append", help="text prompt (repeat for several)")
@@ -125,19 +125,28 @@ def generate_parser(modality: type) -> argparse.ArgumentParser:
         "order, --num per prompt")  # fmt: skip
     add("--checkpoint", default=None, help="checkpoint folder (default: the bundled model)")
     add("--negative-prompt", default=None, help="guidance pushes away from this prompt")
-    add("--num", type=int, default=1, help="outputs per prompt")
+    add("--num", type=int, default=1, help="outputs per prompt (default: %(default)s)")
     add("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
     add("--sampler", default=None, metavar="SAMPLER",
         help=f"one of {', '.join(SAMPLERS)} (default: the checkpoint's)")  # fmt: skip
     add("--guidance", type=float, default=None, help="CFG scale (default: the checkpoint's)")
-    add("--seed", type=int, default=0, help="seeds the noise: same seed, same output")
-    add("--batch-size", type=int, default=None, help="outputs per sampling batch")
-    add("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    add("--dtype", default="float32", choices=tuple(DTYPES), help="model and text encoder")
+    add("--seed", type=int, default=0, help="seeds the noise: same seed, same output (default: 0)")
+    add(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="outputs per sampling batch (default: the modality's)",
+    )
+    add("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    add("--dtype", default="float32", choices=tuple(DTYPES),
+        help="precision of the model and the text encoder (default: float32)")  # fmt: skip
     for option in modality.generate_options:
         add(f"--{option.name.replace('_', '-')}", type=option.type, default=option.default,
             help=option.help)  # fmt: skip
     return parser
+
+
+_NOT_OPTIONS = ("prompts", "options", "progress")
 
 
 def cmd_generate(argv: Sequence[str]) -> int:
@@ -154,24 +163,13 @@ def cmd_generate(argv: Sequence[str]) -> int:
         raise UsageError(f"usage: polydiff generate MODALITY ...; installed: {names}")
     modality = _modality(argv[0])
     args = generate_parser(modality).parse_args(list(argv[1:]))
-    request = GenerationRequest(
-        prompts=tuple(p for p in (args.prompt or []) if p.strip()),
-        num=args.num,
-        negative_prompt=args.negative_prompt,
-        steps=args.steps,
-        sampler=args.sampler,
-        guidance=args.guidance,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        checkpoint=args.checkpoint,
+    # Every request field is an option of the same name (--negative-prompt: negative_prompt).
+    shared = [f.name for f in fields(GenerationRequest) if f.name not in _NOT_OPTIONS]
+    own = [option.name for option in modality.generate_options]
+    request = GenerationRequest.of(
+        [p for p in (args.prompt or []) if p.strip()],
         progress=True,
-        options={
-            o.name: getattr(args, o.name)
-            for o in modality.generate_options
-            if getattr(args, o.name) is not None
-        },
+        **{name: getattr(args, name) for name in (*shared, *own)},
     )
     try:
         paths = generate_files(modality, request, args.out)

@@ -37,12 +37,12 @@ from pydantic import (
 
 from polydiff.core.modality.schema import (
     DenoisingSchema,
-    Flag,
     IntList,
     ModelSchema,
     Number,
     OneOf,
     Problem,
+    TransformerSchema,
     defaults,
 )
 
@@ -105,20 +105,14 @@ class UNetSection(ModelSchema):
         return self
 
 
-class DiTSection(ModelSchema):
+class DiTSection(TransformerSchema):
     """``dit:`` (kinds dit and latent_dit): a DiT on square patches with 2D rotary offsets."""
 
     patch: Annotated[int, Number(1)] = 2
-    dim: Annotated[int, Number(1)] = 192
-    depth: Annotated[int, Number(1)] = 6
-    heads: Annotated[int, Number(1)] = 6
-    mlp_ratio: Annotated[float, Number(1e-6)] = 4.0
-    qk_norm: Flag = True
 
     @model_validator(mode="after")
     def _rotary_head_dim(self) -> DiTSection:
-        if self.dim % self.heads or (self.dim // self.heads) % 4:
-            raise Problem("dim / heads must be a multiple of 4 (2D rotary)", "heads")
+        self.rotary_head_dim(2)
         return self
 
 

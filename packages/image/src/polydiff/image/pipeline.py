@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from polydiff.core.modality import (
     Conditioner,
     GenerationRequest,
+    RequestOptions,
     Sampling,
     TextConditioner,
     denoise,
@@ -54,29 +54,21 @@ def sample_images(
     sampler: str | None = None,
     guidance: float | None = None,
     seed: int = 0,
-    negative_prompt: str | None = None,
-    batch_size: int | None = None,
+    options: Sampling | None = None,
     conditioner: Conditioner | None = None,
-    progress: bool = False,
 ) -> Tensor:
     """Generate one image per prompt: (N, C, H, W) float32 in [-1, 1] on the CPU.
 
-    ``None`` options take the model config's ``sample_steps`` / ``sampler`` / ``guidance``.
+    ``None`` options take the model config's ``sample_steps`` / ``sampler`` / ``guidance``
+    (``options`` gives them all at once, with negative prompt, batch size and progress).
     Guidance 1 runs the conditional model alone; any other scale runs classifier-free guidance
-    against the empty prompt (or ``negative_prompt``). The starting noise is drawn for all
+    against the empty prompt (or the negative prompt). The starting noise is drawn for all
     prompts at once from ``seed``, so an image depends on its position in ``prompts`` and the
     seed only.
     """
-    request = GenerationRequest(
-        prompts=tuple(prompts) or ("",),
-        steps=steps,
-        sampler=sampler,
-        guidance=guidance,
-        negative_prompt=negative_prompt,
-        batch_size=batch_size,
-        progress=progress,
-    )
-    options = Sampling.resolve(config, request, BATCH_SIZE)
+    if options is None:
+        request = GenerationRequest(("",), steps=steps, sampler=sampler, guidance=guidance)
+        options = Sampling.resolve(config, request, BATCH_SIZE)
     latent = isinstance(model, LatentDiT)
     with torch.no_grad():
         x = denoise(
@@ -116,52 +108,22 @@ def grid_image(images: Sequence[Image.Image], rows: int = 1, scale: int = 4) -> 
     return grid
 
 
-def generate(
-    prompts: Sequence[str] | str,
-    *,
-    checkpoint: str | Path | None = None,
-    num: int = 1,
-    steps: int | None = None,
-    sampler: str | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-    negative_prompt: str | None = None,
-    batch_size: int | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-) -> list[Image.Image]:
-    """Generate ``num`` images for each prompt (see
-    :func:`polydiff.core.modality.generate`).
+def generate(prompts: Sequence[str] | str, **options: Unpack[RequestOptions]) -> list[Image.Image]:
+    """Generate ``num`` images for each prompt (see :func:`polydiff.core.modality.generate`).
 
     Args:
         prompts: the prompts (a single string is one prompt); at least one.
-        checkpoint: a trainer ``final/`` folder; ``None`` = the bundled digits model.
-        num: images per prompt.
-        steps, sampler, guidance: sampling options; ``None`` = the checkpoint's defaults.
-        seed: seeds the starting noise (and any ancestral noise).
-        negative_prompt: guidance pushes away from it instead of the empty prompt.
-        batch_size: images per sampling batch (default 64).
-        device, dtype: where and in which precision the model and text encoder run.
+        options: ``checkpoint`` (a trainer ``final/`` folder; default: the bundled digits
+            model), ``num`` (images per prompt), ``steps`` / ``sampler`` / ``guidance``
+            (default: the checkpoint's), ``seed``, ``negative_prompt``, ``batch_size``
+            (default 64), ``device`` and ``dtype`` (model and text encoder).
 
     Returns:
         ``len(prompts) * num`` PIL images, prompt by prompt: [p0 #0, p0 #1, ..., p1 #0, ...].
 
     Raises:
         ValueError: a bad option (checked before anything is loaded).
-        FileNotFoundError: ``checkpoint=None`` and the bundled model is not installed.
+        FileNotFoundError: no checkpoint given and the bundled model is not installed.
         CheckpointError: missing folder, corrupt checkpoint, not an image denoiser.
     """
-    request = GenerationRequest(
-        prompts=(prompts,) if isinstance(prompts, str) else tuple(prompts),
-        num=num,
-        steps=steps,
-        sampler=sampler,
-        guidance=guidance,
-        seed=seed,
-        negative_prompt=negative_prompt,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        checkpoint=None if checkpoint is None else str(checkpoint),
-    )
-    return generate_request("image", request).outputs
+    return generate_request("image", GenerationRequest.of(prompts, **options)).outputs

@@ -222,19 +222,13 @@ class ImageRecipe(Modality):
 
     def generate(self, model: nn.Module, request: GenerationRequest) -> list[Image.Image]:
         """PIL images, one per ``request.repeated`` prompt."""
-        options = Sampling.resolve(self.config, request, BATCH_SIZE)
         images = sample_images(
             model,
             self.config,
             request.repeated,
-            steps=options.steps,
-            sampler=options.sampler,
-            guidance=options.guidance,
             seed=request.seed,
-            negative_prompt=options.negative_prompt,
-            batch_size=options.batch_size,
+            options=Sampling.resolve(self.config, request, BATCH_SIZE),
             conditioner=self.conditioner(request.device, request.torch_dtype),
-            progress=request.progress,
         )
         return to_pil(images)
 

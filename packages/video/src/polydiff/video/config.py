@@ -34,12 +34,12 @@ from polydiff.core.modality.schema import (
     DenoisingSchema,
     Flag,
     IntList,
-    ModelSchema,
     Number,
     OneOf,
     Probability,
     Problem,
     Text,
+    TransformerSchema,
     defaults,
 )
 
@@ -66,24 +66,17 @@ def indivisible(sizes: Sequence[Sequence[int]], patch: Sequence[int]) -> tuple[s
     return None
 
 
-class DiTSection(ModelSchema):
+class DiTSection(TransformerSchema):
     """``dit:``: the spacetime-patch DiT with 3D rotary offsets."""
 
     patch: Annotated[list[int], IntList(1, length=3)] = Field(default_factory=lambda: [2, 4, 4])
-    dim: Annotated[int, Number(1)] = 192
-    depth: Annotated[int, Number(1)] = 6
-    heads: Annotated[int, Number(1)] = 6
-    mlp_ratio: Annotated[float, Number(1e-6)] = 4.0
-    qk_norm: Flag = True
     attention: Annotated[str, OneOf(ATTENTION_LAYOUTS)] = "full"
     rope_theta: Annotated[float, Number(1.0)] = 10000.0
     absolute_positions: Flag = True
 
     @model_validator(mode="after")
     def _rotary_head_dim(self) -> DiTSection:
-        head_dim, rest = divmod(self.dim, self.heads)
-        if rest or head_dim % 2 or head_dim < 6:
-            raise Problem("dim / heads must be an even number >= 6 (3D rotary)", "heads")
+        self.rotary_head_dim(3)
         return self
 
 

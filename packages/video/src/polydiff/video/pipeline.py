@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from polydiff.core.modality import (
     Conditioner,
     GenerationRequest,
+    RequestOptions,
     Sampling,
     TextConditioner,
     denoise,
@@ -36,6 +37,7 @@ from .data import model_buckets, resize_crop
 
 __all__ = [
     "BATCH_SIZE",
+    "VideoOptions",
     "check_chunking",
     "check_video_options",
     "contact_sheet",
@@ -287,38 +289,28 @@ def generate_videos(
     return list(video)
 
 
+class VideoOptions(RequestOptions, total=False):
+    """The video generation options: the shared ones and the modality's own."""
+
+    frames: int | None
+    fps: float | None
+    first_frame: str | Path | Image.Image | None
+    overlap: int | None
+
+
 def generate(
-    prompts: Sequence[str] | str,
-    *,
-    checkpoint: str | Path | None = None,
-    num: int = 1,
-    frames: int | None = None,
-    fps: float | None = None,
-    first_frame: str | Path | Image.Image | None = None,
-    overlap: int | None = None,
-    steps: int | None = None,
-    sampler: str | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-    negative_prompt: str | None = None,
-    batch_size: int | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
+    prompts: Sequence[str] | str, **options: Unpack[VideoOptions]
 ) -> tuple[list[Tensor], float]:
     """Generate ``num`` videos for each prompt (see :func:`polydiff.core.modality.generate`).
 
     Args:
         prompts: the prompts (a single string is one prompt); at least one.
-        checkpoint: a trainer ``final/`` folder; ``None`` = the bundled moving-shapes model.
-        num: videos per prompt.
-        frames: length; more than the trained clip is generated in chunks (default: trained).
-        fps: playback rate of the written file (default: the rate the model was trained at).
-        first_frame: an image to start every video from (image-to-video).
-        overlap: frames shared by consecutive chunks (default: a quarter of the trained clip).
-        steps, sampler, guidance: sampling options (default: the checkpoint's).
-        seed: seeds the starting noise. negative_prompt: guidance pushes away from it.
-        batch_size: videos per sampling batch (default 8).
-        device, dtype: where and in which precision the model and text encoder run.
+        options: the shared ones (``checkpoint``, default: the bundled moving-shapes model;
+            ``num``; ``steps`` / ``sampler`` / ``guidance``, default: the checkpoint's;
+            ``seed``, ``negative_prompt``, ``batch_size`` (default 8), ``device``, ``dtype``)
+            and the video's: ``frames`` (more than the trained clip: in chunks), ``fps``
+            (default: the trained rate), ``first_frame`` (an image to start every video from),
+            ``overlap`` (frames shared by consecutive chunks; default: a quarter of the clip).
 
     Returns:
         (``len(prompts) * num`` videos (C, T, H, W) in [-1, 1], prompt by prompt; fps).
@@ -326,24 +318,10 @@ def generate(
     Raises:
         ValueError: bad options (checked before anything is loaded), or an unreadable first
             frame.
-        FileNotFoundError: ``checkpoint=None`` and the bundled model is not installed.
+        FileNotFoundError: no checkpoint given and the bundled model is not installed.
         CheckpointError: missing folder, corrupt checkpoint, not a video model.
     """
-    options = {"frames": frames, "fps": fps, "first_frame": first_frame, "overlap": overlap}
-    request = GenerationRequest(
-        prompts=(prompts,) if isinstance(prompts, str) else tuple(prompts),
-        num=num,
-        steps=steps,
-        sampler=sampler,
-        guidance=guidance,
-        seed=seed,
-        negative_prompt=negative_prompt,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        checkpoint=None if checkpoint is None else str(checkpoint),
-        options={k: v for k, v in options.items() if v is not None},
-    )
+    request = GenerationRequest.of(prompts, **options)
     made = generate_request("video", request)
     return made.outputs, resolved_fps(made.modality.config, request.options)
 

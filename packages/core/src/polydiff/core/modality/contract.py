@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import abc
 import inspect
+import os
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +55,7 @@ __all__ = [
     "GenerationRequest",
     "Loss",
     "Modality",
+    "RequestOptions",
     "available_modalities",
     "default_collate",
     "load_modality",
@@ -89,6 +91,23 @@ class GenerateOption:
     default: Any = None
 
 
+class RequestOptions(TypedDict, total=False):
+    """The keyword options of every modality's Python ``generate`` (see
+    :class:`GenerationRequest`); a modality's own options extend it."""
+
+    checkpoint: str | os.PathLike[str] | None
+    num: int
+    negative_prompt: str | None
+    steps: int | None
+    sampler: str | None
+    guidance: float | None
+    seed: int
+    batch_size: int | None
+    device: str
+    dtype: str
+    progress: bool
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """What to generate, the same for every modality (CLI and Python API).
@@ -111,6 +130,20 @@ class GenerationRequest:
     checkpoint: str | None = None
     progress: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, prompts: str | Sequence[str], **options: Any) -> GenerationRequest:
+        """A request from keyword options as the Python APIs take them: a single string is
+        one prompt, a checkpoint path may be a ``Path``, options that are no field of the
+        request are the modality's own (``frames=40``); ``None`` values are dropped."""
+        names = {f.name for f in fields(cls)} - {"prompts", "options"}
+        given = {k: v for k, v in options.items() if v is not None}
+        own = {k: v for k, v in given.items() if k in names}
+        if "checkpoint" in own:
+            own["checkpoint"] = str(own["checkpoint"])
+        extra = {k: v for k, v in given.items() if k not in names}
+        prompt_tuple = (prompts,) if isinstance(prompts, str) else tuple(prompts)
+        return cls(prompts=prompt_tuple, options=extra, **own)
 
     @property
     def repeated(self) -> list[str]:
@@ -222,29 +255,36 @@ class Modality(abc.ABC):
 
     def parts(self, model: nn.Module) -> dict[str, nn.Module]:
         """The sub-modules trained with their own optimizer, in update order (a GAN:
-        ``{"discriminator": ..., "generator": ...}``); each part's settings may be overridden
-        in the config's ``train.parts.<name>``. Default: the whole model, one optimizer."""
+        ``{"discriminator": ..., "generator": ...}``): disjoint, one of them ``ema_part`` (a
+        ``Configurable`` module: it becomes ``final/``); parameters outside every part stay
+        frozen. Each part's settings may be overridden in ``train.parts.<name>``. Default:
+        the whole model, one optimizer."""
         return {"model": model}
 
     def fit_statistics(
         self, model: nn.Module, batches: Iterable[dict[str, Any]]
     ) -> dict[str, Tensor]:
-        """Dataset statistics fitted before step 0 from ``statistics_batches`` batches,
-        returned by the name of the model buffer they fill (``{"feature_mean": ...}``). The
-        trainer averages them over processes, writes them into the buffers (so checkpoints
-        carry them) and never calls this on resume."""
+        """Dataset statistics fitted before step 0 from ``statistics_batches`` batches (one
+        pass, fp32, on the device, eval mode, no grad), returned by the name of the persistent
+        model buffer they fill (``{"feature_mean": ...}``). The trainer averages them over
+        processes (so return means or moments), writes them into the buffers (checkpoints and
+        ``final/`` carry them) and never calls this on resume. Buffers stay fp32 in bf16 runs:
+        cast where the loss uses them."""
         return {}
 
     @abc.abstractmethod
     def loss(
         self, model: nn.Module, batch: Mapping[str, Any], generator: torch.Generator, part: str
     ) -> Loss:
-        """The scalar loss of one micro-batch that trains ``part`` (see :meth:`parts`);
-        extras returned beside it are averaged into ``metrics.jsonl``."""
+        """The scalar loss of one micro-batch that trains ``part`` (see :meth:`parts`; a
+        one-part recipe sees ``"model"``); extras returned beside it (scalars, the same names
+        every call) are averaged into ``metrics.jsonl``. ``model`` is the whole bare model
+        (not a DeepSpeed engine), the other parts frozen."""
 
     @abc.abstractmethod
     def preview(self, model: nn.Module, out_dir: Path, step: int) -> list[Path]:
-        """Write a few samples from ``model`` (EMA weights, eval mode) into ``out_dir``."""
+        """Write a few samples from ``model`` (the EMA part with EMA weights, eval mode, under
+        no_grad) into ``out_dir``."""
 
     # --- generation ----------------------------------------------------------------------
     def check_request(self, request: GenerationRequest) -> None:  # noqa: B027 (optional hook)

@@ -64,6 +64,7 @@ __all__ = [
     "Probability",
     "Problem",
     "Text",
+    "TransformerSchema",
     "UnknownKeys",
     "defaults",
     "describe",
@@ -267,6 +268,25 @@ class ModelSchema(pydantic.BaseModel):
         """Adjust the given mapping (known keys only) before its fields are validated, e.g.
         fill in the sections another key selects. Raise :class:`Problem` naming the key."""
         return data
+
+
+class TransformerSchema(ModelSchema):
+    """The sizes every DiT section shares (``polydiff.core.blocks.DiT``); a modality's section
+    adds its patch and positions."""
+
+    dim: Annotated[int, Number(1)] = 192
+    depth: Annotated[int, Number(1)] = 6
+    heads: Annotated[int, Number(1)] = 6
+    mlp_ratio: Annotated[float, Number(1e-6)] = 4.0
+    qk_norm: Flag = True
+
+    def rotary_head_dim(self, axes: int) -> None:
+        """Refuse a head width that ``axes``-D rotary positions cannot split evenly."""
+        head_dim, rest = divmod(self.dim, self.heads)
+        if axes == 2 and (rest or head_dim % 4):
+            raise Problem("dim / heads must be a multiple of 4 (2D rotary)", "heads")
+        if axes == 3 and (rest or head_dim % 2 or head_dim < 6):
+            raise Problem("dim / heads must be an even number >= 6 (3D rotary)", "heads")
 
 
 class DenoisingSchema(ModelSchema):
