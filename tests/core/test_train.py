@@ -27,8 +27,9 @@ import yaml
 from polydiff.core.data import write_shards
 from polydiff.core.pretrained import from_pretrained
 from polydiff.core.train import ConfigError, RunError, build_command, launch, load_config
+from polydiff.core.train.checkpoints import MANIFEST_NAME
 from polydiff.core.train.config import KEYS, DataConfig, OptimConfig, schema_table
-from polydiff.core.train.trainer import MANIFEST_NAME, lr_at
+from polydiff.core.train.trainer import lr_at
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # the processes import the recipe as tests.core.train_fixtures

@@ -27,7 +27,9 @@ from torch import nn
 from polydiff.core.data import write_shards
 from polydiff.core.pretrained import from_pretrained, save_pretrained
 from polydiff.core.train import RunError, launch, load_config, plot_metrics
-from polydiff.core.train.trainer import MANIFEST_NAME, _fit_statistics, _model_parts, lr_at
+from polydiff.core.train.checkpoints import MANIFEST_NAME
+from polydiff.core.train.parts import fit_statistics, model_parts
+from polydiff.core.train.trainer import _forked_rng, lr_at
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # the processes import the recipes as tests.core.train_fixtures
@@ -267,7 +269,7 @@ def test_statistics_are_fitted_at_step_0_averaged_over_ranks_and_never_refitted(
 
 
 class _OneProcess:
-    """The two collectives ``_fit_statistics`` uses, for one process."""
+    """The two collectives ``fit_statistics`` uses, for one process."""
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         pass
@@ -278,11 +280,11 @@ class _OneProcess:
 
 def _fit(recipe: Any, model: nn.Module) -> list[str]:
     batches = iter([{"x": torch.arange(16.0).reshape(2, 8)}])
-    return _fit_statistics(
+    return fit_statistics(
         recipe,
         model,
         batches,
-        seed=0,
+        rng=_forked_rng(0),
         persistent=set(model.state_dict()),
         device=torch.device("cpu"),
         world=1,
@@ -327,7 +329,7 @@ def test_parts_must_be_disjoint_sub_modules_and_name_the_ema_part(shards, tmp_pa
     t = load_config(write_config(tmp_path, shards, GAN)).train
     recipe = TinyGANRecipe(TinyGANRecipe.validate({}))
     model = recipe.build_model()
-    parts = _model_parts(recipe, model, t)
+    parts = model_parts(recipe, model, t)
     assert list(parts) == ["discriminator", "generator"]
     assert parts["generator"].prefix == "generator" and parts["generator"].config.lr == 5e-4
 
@@ -336,23 +338,23 @@ def test_parts_must_be_disjoint_sub_modules_and_name_the_ema_part(shards, tmp_pa
             return {"a": model.generator, "b": model.generator.net}
 
     with pytest.raises(RunError, match=r"parts 'a' and 'b' share parameters"):
-        _model_parts(Shared(recipe.config), model, t)
+        model_parts(Shared(recipe.config), model, t)
 
     class Foreign(TinyGANRecipe):
         def parts(self, model):
             return {"discriminator": nn.Linear(2, 2), "generator": model.generator}
 
     with pytest.raises(RunError, match=r"part 'discriminator' is not a sub-module"):
-        _model_parts(Foreign(recipe.config), model, t)
+        model_parts(Foreign(recipe.config), model, t)
 
     class NoEMA(TinyGANRecipe):
         ema_part = "decoder"
 
     with pytest.raises(RunError, match=r"ema_part is 'decoder'"):
-        _model_parts(NoEMA(recipe.config), model, t)
+        model_parts(NoEMA(recipe.config), model, t)
     plain = TinyRecipe(TinyRecipe.validate({}))
     with pytest.raises(ValueError, match=r"train\.parts\.discriminator: .* no part"):
-        _model_parts(plain, plain.build_model(), t)
+        model_parts(plain, plain.build_model(), t)
 
 
 def test_bound_recipe_survives_pickling_into_loader_workers(shards):
@@ -407,9 +409,9 @@ def test_save_pretrained_gives_the_users_normal_permissions(tmp_path):
 
 def test_tensorboard_scalars_when_installed(tmp_path):
     pytest.importorskip("tensorboard")
-    from polydiff.core.train.trainer import _TensorBoard
+    from polydiff.core.train.metrics import TensorBoard
 
-    board = _TensorBoard(tmp_path / "tb", 0)
+    board = TensorBoard(tmp_path / "tb", 0)
     board.write({"step": 1, "loss": 0.5, "loss/d": 0.7, "time": 1.0})
     board.close()
     assert any((tmp_path / "tb").iterdir())

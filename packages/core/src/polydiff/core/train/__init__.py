@@ -14,10 +14,10 @@ from polydiff.core.modality.contract import (
     load_modality,
 )
 
-from .config import ConfigError, DataConfig, OptimConfig, TrainConfig, load_config
+from .config import ConfigError, DataConfig, OptimConfig, RunError, TrainConfig, load_config
 from .launch import build_command, launch
+from .metrics import plot_metrics
 from .recipe import Recipe, load_recipe  # the trainer's names for Modality, load_modality
-from .trainer import RunError, plot_metrics
 
 __all__ = [
     "ENTRY_POINT_GROUP",

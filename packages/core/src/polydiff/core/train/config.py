@@ -24,6 +24,10 @@ each part its own optimizer settings; the others come from ``train``::
 
 The ``data`` and ``train`` sections are pydantic dataclasses (:class:`DataConfig`,
 :class:`OptimConfig`); ``model`` is checked by the modality's own schema.
+
+A problem with the run rather than its config (the output folder holds another run, a recipe
+that breaks the contract at run time) raises :class:`RunError`; it is defined here, where every
+module of the trainer can import it without importing the loop.
 """
 
 from __future__ import annotations
@@ -51,12 +55,19 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "OptimConfig",
+    "RunError",
     "TrainConfig",
     "cli_overrides",
     "load_config",
     "resolve_deepspeed_path",
     "schema_table",
 ]
+
+
+class RunError(ValueError):
+    """The run cannot start or continue as asked (e.g. the output folder holds another run);
+    a ValueError, like ConfigError, so a CLI reports it as a usage error."""
+
 
 DECAYS: tuple[str, ...] = ("cosine", "linear", "constant")
 _REQUIRED = object()  # marks a key without a default (in KEYS)

@@ -19,8 +19,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, cli_overrides, load_config
-from .trainer import RunError, existing_run
+from .config import ConfigError, RunError, TrainConfig, cli_overrides, load_config
+from .trainer import existing_run
 
 __all__ = ["build_command", "free_port", "launch", "prepare"]
 

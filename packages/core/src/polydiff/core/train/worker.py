@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .config import ConfigError, cli_overrides, load_config
+from .config import ConfigError, RunError, cli_overrides, load_config
 
 __all__ = ["main", "parser"]
 
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported here: DeepSpeed takes seconds to import, argument errors should not wait.
     from polydiff.core.data import DataError
 
-    from .trainer import RunError, train
+    from .trainer import train
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     try:
