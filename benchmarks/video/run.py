@@ -10,6 +10,10 @@
    resize) on H.264 moving-shapes clips, with decord and with PyAV, at 32x32 and 128x128.
 3. With a GPU: the DiT-B preset (shared/configs/video/dit-b.yaml) in bf16, model FLOPs
    utilisation = 6 x parameters x tokens/s + attention FLOPs, over the GPU's bf16 peak.
+4. Generation memory against video length: the bundled model generates 16 to 160 frames
+   (one to twelve overlapping chunks) in a fresh process each; peak resident memory above the
+   process's state after loading must stay flat (it grew ~2.25 GB per chunk while the chunked
+   extension ran with autograd on).
 
 Run: ``python benchmarks/video/run.py`` (``--quick``: fewer lengths and steps). Prints the
 tables; writes ``out/results.json`` and ``out/attention_scaling.png``.
@@ -204,6 +208,41 @@ def dit_b_mfu(steps: int) -> dict[str, Any] | None:
     return result
 
 
+def _generate_peak(spec: dict[str, Any], queue: Any) -> None:
+    """Child process: generate ``frames`` frames with the bundled model, report peak memory."""
+    torch.set_num_threads(spec["threads"])
+    from polydiff.video.pipeline import generate
+
+    generate("a red circle moving right", frames=16, steps=1)  # load model and text encoder
+    base = _rss_bytes()
+    start = time.perf_counter()
+    with _PeakRSS() as rss:
+        generate("a red circle moving right", frames=spec["frames"], steps=spec["steps"])
+    queue.put({"peak_bytes": rss.peak - base, "seconds": time.perf_counter() - start})
+
+
+def generation_memory(lengths: list[int], steps: int) -> list[dict[str, Any]]:
+    context = mp.get_context("spawn")
+    rows = []
+    for frames in lengths:
+        queue = context.Queue()
+        spec = {"frames": frames, "steps": steps, "threads": 2}
+        child = context.Process(target=_generate_peak, args=(spec, queue))
+        child.start()
+        try:
+            result = queue.get(timeout=1800)
+        except Empty as e:
+            raise RuntimeError(f"generating {frames} frames failed (exit {child.exitcode})") from e
+        child.join()
+        rows.append({"frames": frames, **result})
+        print(
+            f"  {frames:4d} frames: peak {result['peak_bytes'] / 2**20:7.1f} MiB above the loaded "
+            f"model, {result['seconds']:6.1f} s",
+            flush=True,
+        )
+    return rows
+
+
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -241,7 +280,11 @@ def main() -> None:
     mfu = dit_b_mfu(steps)
     if mfu is None:
         print("  no GPU here: skipped")
-    results = {"device": device, "attention": scaling, "loader": loader, "dit_b": mfu}
+    print(f"4. generation memory against length (bundled model, {2 if args.quick else 4} steps)")
+    generation = generation_memory([16, 40, 88] if args.quick else [16, 40, 88, 160],
+                                   2 if args.quick else 4)  # fmt: skip
+    results = {"device": device, "attention": scaling, "loader": loader, "dit_b": mfu,
+               "generation": generation}  # fmt: skip
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
     _plot(scaling, OUT / "attention_scaling.png")
     print(f"wrote {OUT / 'results.json'} and {OUT / 'attention_scaling.png'}")

@@ -321,3 +321,12 @@ def test_failure_between_the_two_renames_is_caught_at_load_time(saved, monkeypat
     assert listing(folder) == ["config.json", "model.safetensors"]
     with pytest.raises(CheckpointError, match="torn"):
         from_pretrained(folder, Net)
+
+
+def test_a_recorded_class_must_be_defined_in_a_polydiff_module():
+    # polydiff.image.model imports torch.nn as nn: following attributes reaches nn.Linear.
+    from polydiff.core.pretrained import import_class
+
+    with pytest.raises(CheckpointError, match="torch.nn.modules.linear.Linear"):
+        import_class("polydiff.image.model:nn.Linear")
+    assert import_class("polydiff.image.model:PixelUNet").__name__ == "PixelUNet"

@@ -434,3 +434,33 @@ def test_two_process_bf16_zero2_run_completes_and_ranks_consume_equal_batches(tm
     assert (rank0["epoch"], rank0["batch"]) == (rank1["epoch"], rank1["batch"]) == (1, 4)
     assert rank0["samples_seen"] == rank1["samples_seen"] == 12 * 4
     assert from_pretrained(run / "final", TinyDenoiser).config["gradient_checkpointing"] is True
+
+
+class _TouchesAFile:
+    """A pickle that runs code when unpickled: it creates ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_resume_refuses_a_checkpoint_file_that_would_run_code(shards, tmp_path, capfd):
+    config = write_config(tmp_path, shards, max_steps=4, checkpoint_every=2, preview_every=0)
+    run = tmp_path / "run"
+    assert launch(config, out=run, max_steps=2, extra_env=ENV) == 0
+    target = run / "checkpoints" / "step_000002" / "mp_rank_00_model_states.pt"
+    witness = tmp_path / "pwned"
+    state = torch.load(target, map_location="cpu", weights_only=False)
+    state["hidden"] = _TouchesAFile(witness)
+    torch.save(state, target)
+    # Keep the manifest's sizes right: only the content is a lie.
+    manifest = json.loads((target.parent / "checkpoint.json").read_text())
+    manifest["files"][target.name] = target.stat().st_size
+    (target.parent / "checkpoint.json").write_text(json.dumps(manifest))
+    capfd.readouterr()
+    assert launch(config, out=run, resume=True, extra_env=ENV) == 2
+    assert not witness.exists()
+    err = capfd.readouterr().err
+    assert "mp_rank_00_model_states.pt: refusing to load it: it asks for getattr" in err

@@ -98,8 +98,10 @@ def test_same_seed_same_video_other_seed_other_video(tiny_checkpoint):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--frames", "0"], "frames must be >= 1"),
-        (["--fps", "-3"], "fps must be a number > 0"),
+        (["--frames", "0"], "frames must be in [1, 2048]"),
+        (["--frames", "5000"], "frames must be in [1, 2048]"),
+        (["--fps", "-3"], "fps must be a number in [0.1, 240.0]"),
+        (["--fps", "1e9"], "fps must be a number in [0.1, 240.0]"),
         (["--first-frame", "missing.png"], "first frame image not found"),
         (["--overlap", "8"], "overlap must be in"),
         (["--out", "clip.avi"], "unsupported suffix .avi"),

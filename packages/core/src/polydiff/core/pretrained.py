@@ -259,6 +259,12 @@ def import_class(path: str, where: Path | str = "a checkpoint") -> type[nn.Modul
         raise CheckpointError(f"cannot import {path!r} recorded in {where}: {e}") from e
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
         raise CheckpointError(f"{path!r} recorded in {where} is not an nn.Module class")
+    # Following attributes can reach other packages' classes (polydiff.x.model:nn.Linear).
+    if not obj.__module__.startswith(_ALLOWED_PREFIX):
+        raise CheckpointError(
+            f"refusing {path!r} recorded in {where}: it names {obj.__module__}.{obj.__name__}, "
+            f"not a class defined in a '{_ALLOWED_PREFIX}*' module"
+        )
     return obj
 
 

@@ -51,6 +51,8 @@ __all__ = [
 ]
 
 BATCH_SIZE = 8  # videos per sampling batch (the default of --batch-size)
+MAX_FRAMES = 2048  # one call's length bound: each frame costs chunked sampling time
+MIN_FPS, MAX_FPS = 0.1, 240.0  # playback rates players and containers handle
 
 
 def load_first_frame(image: str | Path | Image.Image, channels: int, height: int, width: int):
@@ -219,14 +221,12 @@ def check_video_options(options: Mapping[str, Any]) -> None:
     for name, value in (("frames", frames), ("overlap", overlap)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"{name} must be an integer, got {value!r}")
-    if frames is not None and frames < 1:
-        raise ValueError(f"frames must be >= 1, got {frames}")
+    if frames is not None and not 1 <= frames <= MAX_FRAMES:
+        raise ValueError(f"frames must be in [1, {MAX_FRAMES}], got {frames}")
     if fps is not None and (
-        isinstance(fps, bool)
-        or not isinstance(fps, int | float)
-        or not (math.isfinite(fps) and fps > 0)
+        isinstance(fps, bool) or not isinstance(fps, int | float) or not MIN_FPS <= fps <= MAX_FPS
     ):
-        raise ValueError(f"fps must be a number > 0, got {fps}")
+        raise ValueError(f"fps must be a number in [{MIN_FPS}, {MAX_FPS}], got {fps}")
     first_frame = options.get("first_frame")
     if first_frame is not None and not isinstance(first_frame, Image.Image):  # noqa: SIM102
         if not Path(first_frame).is_file():

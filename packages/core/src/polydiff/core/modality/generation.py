@@ -35,6 +35,9 @@ from .denoising import make_schedule, model_params
 
 __all__ = [
     "MAX_GUIDANCE",
+    "MAX_OUTPUTS",
+    "MAX_SEED",
+    "MAX_STEPS",
     "Generated",
     "RequestError",
     "Sampling",
@@ -46,6 +49,12 @@ __all__ = [
 
 #: Guidance scales above this only saturate; the same limit for the CLI and the Python API.
 MAX_GUIDANCE = 50.0
+#: Sampler steps beyond the schedules' 1000 training steps cannot be placed on them.
+MAX_STEPS = 1000
+#: Outputs of one request (prompts x num): the starting noise of all of them is drawn at once.
+MAX_OUTPUTS = 10_000
+#: Seeds are 64-bit (torch.Generator.manual_seed).
+MAX_SEED = 2**63 - 1
 
 
 class RequestError(ValueError):
@@ -98,6 +107,8 @@ def _check_sampling(steps: Any, sampler: Any, guidance: Any) -> None:
         raise RequestError("sampler", f"unknown sampler {sampler!r}; valid: {valid}")
     if steps is not None:
         _positive_int("steps", steps)
+        if steps > MAX_STEPS:
+            raise RequestError("steps", f"steps must be at most {MAX_STEPS}, got {steps}")
     if guidance is not None and (
         isinstance(guidance, bool)
         or not isinstance(guidance, int | float)
@@ -140,10 +151,17 @@ def check_request(modality: type[Modality], request: GenerationRequest) -> None:
     if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
         raise RequestError("negative_prompt", "the negative prompt must be a string")
     _positive_int("num", request.num)
+    if len(prompts) * request.num > MAX_OUTPUTS:
+        raise RequestError(
+            "num",
+            f"{len(prompts)} prompt(s) x num {request.num} is more than {MAX_OUTPUTS} outputs "
+            "in one call; split the request",
+        )
     if request.batch_size is not None:
         _positive_int("batch_size", request.batch_size)
-    if isinstance(request.seed, bool) or not isinstance(request.seed, int) or request.seed < 0:
-        raise RequestError("seed", f"seed must be an integer >= 0, got {request.seed!r}")
+    seed = request.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise RequestError("seed", f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
     _check_sampling(request.steps, request.sampler, request.guidance)
     if request.dtype not in DTYPES:
         valid = ", ".join(DTYPES)

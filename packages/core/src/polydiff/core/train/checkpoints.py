@@ -25,6 +25,7 @@ from polydiff.core.pretrained import fsync_path
 
 from .config import RunError
 from .parts import PLAIN
+from .safe_load import UnsafeCheckpointError, restricted_load
 
 __all__ = ["MANIFEST_NAME", "TMP_PREFIX", "TRASH_PREFIX", "Checkpoints", "write_atomic"]
 
@@ -166,11 +167,13 @@ class Checkpoints:
         """Load the newest complete checkpoint into ``engines`` (all ranks call this).
 
         Falls back to the previous complete checkpoint when one cannot be loaded (any part).
-        Returns ``(step, client_state)`` or None when there is none.
+        Files are unpickled with the weights-only unpickler (:mod:`.safe_load`). Returns
+        ``(step, client_state)`` or None when there is none.
 
         Raises:
             RunError: the newest checkpoint was written by a different number of processes,
-                or holds other parts than ``engines``.
+                or holds other parts than ``engines``, or a file holds more than tensors and
+                plain data (a tampered file is refused, not skipped).
         """
         from deepspeed import comm as dist
 
@@ -194,9 +197,12 @@ class Checkpoints:
                     f"checkpoint {self.folder / name} holds the parts {', '.join(saved)}; this "
                     f"recipe trains {', '.join(engines)}: resume with the recipe that wrote it"
                 )
-            error, client_state, ok = "", None, True
+            error, client_state, ok, unsafe = "", None, True, False
             try:
                 for part, engine in engines.items():
+                    # DeepSpeed unpickles with weights_only=False: a replaced file could run
+                    # code. Load through the weights-only unpickler instead.
+                    engine.checkpoint_engine.load = restricted_load
                     if list(engines) == [PLAIN]:
                         path, state = engine.load_checkpoint(str(self.folder), tag=name)
                     else:
@@ -204,13 +210,17 @@ class Checkpoints:
                     ok = ok and path is not None and isinstance(state, dict)
                     if part == main:
                         client_state = state
+            except UnsafeCheckpointError as e:  # never fall back past a tampered file
+                ok, unsafe, error = False, True, str(e)
             except Exception as e:  # a corrupt file: try the previous checkpoint
                 ok, error = False, f"{type(e).__name__}: {e}"
-            flag = torch.tensor([1.0 if ok else 0.0])
+            flag = torch.tensor([-1.0 if unsafe else 1.0 if ok else 0.0])
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             if flag.item() == 1.0:
                 assert client_state is not None
                 return step, client_state
+            if flag.item() == -1.0:
+                raise RunError(error or f"another process refused a file of {self.folder / name}")
             print(
                 f"[polydiff] rank {self.rank}: cannot load checkpoint {name} {error}; "
                 "trying the previous one",
