@@ -122,3 +122,36 @@ def test_generate_names_what_is_not_a_modality(tmp_path, capsys):
 def test_bad_data_and_train_invocations_are_one_line(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _check(args, message, capsys, tmp_path)
+
+
+def test_make_shards_skips_bombs_and_unreadable_captions_naming_them(tmp_path, capsys):
+    from PIL import Image
+
+    source = tmp_path / "src"
+    source.mkdir()
+    Image.new("L", (8, 8)).save(source / "good.png")
+    (source / "good.txt").write_text("a gray square")
+    Image.new("L", (8, 8)).save(source / "latin.png")
+    (source / "latin.txt").write_bytes("un carré gris".encode("latin-1"))
+    bomb = Image.new("1", (20000, 20000))  # 1-bit: tiny as a PNG, huge decoded
+    bomb.save(source / "bomb.png")
+    (source / "bomb.txt").write_text("a bomb")
+    assert main(["data", "make-shards", "--modality", "image", "--source", str(source),
+                 "--out", str(tmp_path / "shards")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "latin.txt is not UTF-8" in out and "DecompressionBombError" in out
+
+
+def test_make_shards_overwrites_only_when_asked_and_a_killed_run_is_not_data(tmp_path, capsys):
+    from polydiff.core.data import INCOMPLETE_NAME, expand_urls
+
+    out = tmp_path / "shards"
+    args = ["data", "make-shards", "--modality", "image", "--source", "synthetic:digits:5",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    _check(args, "--overwrite", capsys, tmp_path)
+    assert main([*args, "--overwrite"]) == 0
+    (out / INCOMPLETE_NAME).write_text("")  # what a killed make-shards leaves
+    with pytest.raises(ValueError, match="incomplete"):
+        expand_urls(out)

@@ -411,3 +411,12 @@ def test_bucketed_batches_share_a_bucket_and_ranks_stay_equal(tmp_path, num_work
         assert s.state_dict()["epoch"] == 2 and s.state_dict()["batch"] == 0
         for batch in batches:
             assert len({i % 2 for i in indices(batch)}) == 1  # one image size per batch
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_all_bad_shard_fails_in_one_line_with_or_without_workers(tmp_path, num_workers):
+    write_shards(make_samples(0, 30, corrupt=tuple(range(30))), tmp_path)
+    s = stream(str(tmp_path), batch_size=2, num_workers=num_workers)
+    with pytest.raises(DataError) as error:
+        take(s, 5)
+    assert "\n" not in str(error.value) and "Traceback" not in str(error.value)

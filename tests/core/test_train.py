@@ -464,3 +464,30 @@ def test_resume_refuses_a_checkpoint_file_that_would_run_code(shards, tmp_path, 
     assert not witness.exists()
     err = capfd.readouterr().err
     assert "mp_rank_00_model_states.pt: refusing to load it: it asks for getattr" in err
+
+
+def test_what_depends_on_the_process_count_is_checked_before_launching(
+    shards, uninterrupted, tmp_path
+):
+    config = write_config(tmp_path, shards)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="--hostfile .*no such file"):
+        launch(config, out=tmp_path / "a", hostfile=tmp_path / "nope", extra_env=ENV)
+    big = write_config(tmp_path / "big", shards, batch_size=40)  # 70 samples, 2 x 40 needed
+    with pytest.raises(RunError, match=r"holds 70 sample\(s\), fewer than one batch"):
+        launch(big, out=tmp_path / "b", num_procs=2, extra_env=ENV)
+    with pytest.raises(RunError, match="written by 1 processes; resume it with --num-procs 1"):
+        launch(config, out=uninterrupted, resume=True, num_procs=2, extra_env=ENV)
+    assert time.monotonic() - start < 20  # no process was started
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_write_final_removes_what_killed_writes_left(tmp_path):
+    from polydiff.core.train.trainer import write_final
+
+    for name in (".final.tmp-123", ".final.old-456"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".finally-kept").mkdir()
+    write_final(TinyDenoiser(hidden=8), tmp_path / "final", "tiny", {"hidden": 8})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".finally-kept", "final"]

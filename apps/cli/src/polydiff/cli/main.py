@@ -77,6 +77,7 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
         args.out,
         maxcount=args.maxcount,
         meta={"modality": args.modality, "source": args.source},
+        overwrite=args.overwrite,
     )
     print(summary.report())
     if summary.written == 0:
@@ -198,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shards.add_argument("--out", required=True, help="output folder")
     shards.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    shards.add_argument(
+        "--overwrite", action="store_true", help="replace the shards already in --out"
+    )
     train = sub.add_parser("train", help="train with the DeepSpeed launcher")
     train.add_argument("--config", required=True)
     train.add_argument("--data", default=None, help="shards (folder, brace pattern or list)")
@@ -227,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "data":
             return cmd_make_shards(args)
         return cmd_train(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except (ValueError, OSError) as err:
         # UsageError, ConfigError, CheckpointError and unknown names are all ValueErrors.
         print(f"polydiff: error: {err}", file=sys.stderr)
         return EXIT_USAGE

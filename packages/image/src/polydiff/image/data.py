@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 
 from polydiff.core.data.captions import captioned_source, payload_field, text_field
 
@@ -24,7 +25,8 @@ __all__ = ["IMAGE_SUFFIXES", "decode", "folder_source", "probe"]
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 _PAYLOAD_FIELDS = ("png", "jpg", "jpeg")
-_UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
+# DecompressionBombError: a small file claiming a huge image (Pillow refuses to allocate it).
+_UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, DecompressionBombError)
 
 
 def probe(payload: bytes) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from .captions import (
     text_field,
 )
 from .shards import (
+    INCOMPLETE_NAME,
     INDEX_NAME,
     ShardSummary,
     Skip,
@@ -32,6 +33,7 @@ from .shards import (
 from .stream import MIN_SAMPLES_FOR_BAD_FRACTION, DataError, ShardStream, StreamStats
 
 __all__ = [
+    "INCOMPLETE_NAME",
     "INDEX_NAME",
     "MIN_SAMPLES_FOR_BAD_FRACTION",
     "CaptionedFile",

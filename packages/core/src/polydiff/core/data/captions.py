@@ -39,6 +39,13 @@ def read_captions(folder: Path) -> dict[str, str]:
         ValueError: a captions file without the required columns/fields, naming the file and
             the line.
     """
+    try:
+        return _read_captions(folder)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"a captions file in {folder} is not UTF-8 text ({e.reason})") from e
+
+
+def _read_captions(folder: Path) -> dict[str, str]:
     captions: dict[str, str] = {}
     jsonl = folder / "captions.jsonl"
     if jsonl.is_file():
@@ -75,12 +82,13 @@ def sample_key(relative: Path) -> str:
 @dataclass(frozen=True)
 class CaptionedFile:
     """A file of a source folder: its path, path relative to the folder, shard key and
-    caption ("" when it has none)."""
+    caption ("" when it has none; ``problem`` says why when its sidecar is unreadable)."""
 
     path: Path
     relative: Path
     key: str
     caption: str
+    problem: str | None = None  # why the caption could not be read
 
 
 def captioned_files(folder: str | Path, suffixes: Iterable[str]) -> Iterator[CaptionedFile]:
@@ -99,11 +107,15 @@ def captioned_files(folder: str | Path, suffixes: Iterable[str]) -> Iterator[Cap
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in wanted):
         relative = file.relative_to(folder)
         sidecar = file.with_suffix(".txt")
+        problem = None
         if sidecar.is_file():
-            caption = sidecar.read_text(encoding="utf-8").strip()
+            try:
+                caption = sidecar.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                caption, problem = "", f"caption {sidecar.name} is not UTF-8 text"
         else:
             caption = captions.get(relative.as_posix(), "").strip()
-        yield CaptionedFile(file, relative, sample_key(relative), caption)
+        yield CaptionedFile(file, relative, sample_key(relative), caption, problem)
 
 
 def captioned_source(
@@ -132,6 +144,9 @@ def captioned_source(
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{what} source folder not found: {folder}")
     for entry in captioned_files(folder, suffixes):
+        if entry.problem is not None:
+            yield Skip(entry.key, entry.problem)
+            continue
         payload = entry.path.read_bytes()
         try:
             meta = probe(payload)

@@ -28,6 +28,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 __all__ = [
+    "INCOMPLETE_NAME",
     "INDEX_NAME",
     "ShardSummary",
     "Skip",
@@ -38,6 +39,8 @@ __all__ = [
 ]
 
 INDEX_NAME = "index.json"
+#: Present while write_shards runs: a killed run leaves it, and such a folder is refused.
+INCOMPLETE_NAME = ".incomplete"
 _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # Any "scheme://" prefix (http, https, gs, s3, ais, hf...): opened by webdataset's gopen.
 _REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -139,11 +142,13 @@ def write_shards(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"shard output {out} exists and is not a directory")
-    existing = sorted(out.glob(f"{prefix}-*.tar")) + [p for p in [out / INDEX_NAME] if p.exists()]
+    markers = [out / INDEX_NAME, out / INCOMPLETE_NAME]
+    existing = sorted(out.glob(f"{prefix}-*.tar")) + [p for p in markers if p.exists()]
     if existing and not overwrite:
         names = ", ".join(p.name for p in existing[:_SHOWN])
         raise FileExistsError(
-            f"{out} already holds shards ({names}); choose another folder or overwrite them"
+            f"{out} already holds shards ({names}); choose another folder or overwrite them "
+            "(--overwrite)"
         )
     for path in existing:
         path.unlink()
@@ -183,6 +188,7 @@ def write_shards(
             # Opened lazily: ShardWriter creates its first tar file immediately, and an
             # empty input must not leave an empty shard behind.
             out.mkdir(parents=True, exist_ok=True)
+            (out / INCOMPLETE_NAME).write_text("make-shards is writing this folder\n")
             # mtime=0 makes the tar bytes a function of the samples alone (reproducible).
             writer = wds.ShardWriter(
                 pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=0
@@ -227,6 +233,7 @@ def write_shards(
         tmp = out / f".{INDEX_NAME}.tmp"
         tmp.write_text(json.dumps(index, indent=1) + "\n")
         os.replace(tmp, out / INDEX_NAME)
+    (out / INCOMPLETE_NAME).unlink(missing_ok=True)
     return ShardSummary(
         out_dir=out,
         shards=shards,
@@ -318,6 +325,11 @@ def _split_spec(text: str) -> list[str]:
 
 
 def _directory_shards(folder: Path) -> list[str]:
+    if (folder / INCOMPLETE_NAME).exists():
+        raise ValueError(
+            f"the shards in {folder} are incomplete (writing them was stopped); write them "
+            "again with make-shards --overwrite"
+        )
     index = _read_index(folder)
     if index is not None:
         names = [str(folder / name) for name in index]

@@ -323,6 +323,19 @@ class _Plan:
         )
 
 
+def _worker_errors_as_one_line(items: Iterable[Any]) -> Iterator[Any]:
+    """A DataError raised in a DataLoader worker arrives with the worker's whole traceback in
+    its message; keep the error's own last line (what went wrong), as without workers."""
+    try:
+        yield from items
+    except DataError as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        if len(lines) > 1 and "Traceback" in str(e):
+            last = lines[-1].strip()
+            raise DataError(last.removeprefix(f"{__name__}.DataError: ")) from None
+        raise
+
+
 class _WorkerStreams(IterableDataset):
     """One infinite batch stream per DataLoader worker (worker k runs lane stream k)."""
 
@@ -489,7 +502,7 @@ class ShardStream:
         waiting: dict[int, tuple[Any, dict[str, Any]]] = {}
         expected = start
         try:
-            for index, batch, counts in iterator:
+            for index, batch, counts in _worker_errors_as_one_line(iterator):
                 waiting[index] = (batch, counts)
                 while expected in waiting:
                     batch, counts = waiting.pop(expected)

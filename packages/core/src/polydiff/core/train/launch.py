@@ -12,6 +12,7 @@ runs ``python -m polydiff.core.train.worker`` once per process:
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -73,6 +74,37 @@ def prepare(
     if not resume and (problem := existing_run(cfg.out_dir)) is not None:
         raise RunError(f"{problem}: pass --resume to continue that run, or choose --out")
     return cfg
+
+
+def _check_batch_fits(cfg: TrainConfig, processes: int) -> None:
+    """Refuse a data set too small for one step's batches (it would fail in the processes)."""
+    from polydiff.core.data import expand_urls, shard_counts
+
+    urls = expand_urls(cfg.data.shards, allow_pipe=cfg.data.allow_pipe)
+    if any(url.startswith(_REMOTE_PREFIXES) for url in urls):
+        return  # counting remote shards would download them
+    total, needed = sum(shard_counts(urls)), cfg.train.batch_size * processes
+    if total < needed:
+        raise RunError(
+            f"data.shards holds {total} sample(s), fewer than one batch on every process "
+            f"(train.batch_size {cfg.train.batch_size} x {processes} process(es) = {needed})"
+        )
+
+
+def _check_resume_world(out: Path, processes: int) -> None:
+    """Refuse to resume a checkpoint written by another number of processes."""
+    from .checkpoints import MANIFEST_NAME, Checkpoints
+
+    complete = Checkpoints(out / "checkpoints", 0, processes, 0).complete()
+    if not complete:
+        return
+    path = complete[0][1]
+    written = json.loads((path / MANIFEST_NAME).read_text("utf-8")).get("world_size")
+    if written != processes:
+        raise RunError(
+            f"checkpoint {path} was written by {written} processes; resume it with "
+            f"--num-procs {written} so that every rank's data position and RNG carry over"
+        )
 
 
 def build_command(
@@ -158,6 +190,12 @@ def launch(
         resume=resume,
     )
     assert cfg.data.shards is not None
+    if hostfile is not None and not Path(hostfile).is_file():
+        raise ConfigError(f"--hostfile {hostfile}: no such file (DeepSpeed's `host slots=N` lines)")
+    if hostfile is None:  # the number of processes is known here: check what depends on it
+        _check_batch_fits(cfg, num_procs)
+        if resume:
+            _check_resume_world(cfg.out_dir, num_procs)
     shards = _absolute(cfg.data.shards)
     cmd = build_command(
         config_path,

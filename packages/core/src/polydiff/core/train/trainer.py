@@ -179,9 +179,12 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 def write_final(model: nn.Module, folder: Path, modality: str, model_cfg: dict[str, Any]) -> Path:
     """``save_pretrained(model)`` into ``folder``, with ``modality`` and ``model`` (the recipe's
     model config) added to ``config.json`` so ``polydiff generate`` can rebuild it via the
-    recipe. Built next to ``folder`` and renamed into place: the old or new one is complete."""
+    recipe. Built next to ``folder`` and renamed into place: the old or new one is complete;
+    what a killed earlier write left beside it (``.final.tmp-PID``) is removed."""
+    for leftover in folder.parent.glob(f".{folder.name}.*-*"):
+        if leftover.name.rpartition("-")[0] in (f".{folder.name}.tmp", f".{folder.name}.old"):
+            shutil.rmtree(leftover, ignore_errors=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp)
     record = json.loads((tmp / CONFIG_NAME).read_text(encoding="utf-8"))
     record.update({"modality": modality, "model": model_cfg})
