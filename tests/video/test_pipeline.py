@@ -141,3 +141,20 @@ def test_written_videos_are_readable_by_others(tiny_checkpoint, tmp_path):
     videos, _ = generate("a", checkpoint=tiny_checkpoint, steps=1)
     path = write_mp4(videos[0], tmp_path / "shared.mp4", 8)
     assert path.stat().st_mode & 0o044 == 0o044
+
+
+def test_every_chunk_of_a_long_video_is_sampled_without_autograd(tiny_checkpoint, monkeypatch):
+    # Memory must not grow with the length: no step may record a graph.
+    from polydiff.video.model import VideoDiT
+
+    seen = []
+    forward = VideoDiT.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(VideoDiT, "forward", spy)
+    videos, _ = generate("a red circle moving left", checkpoint=tiny_checkpoint, frames=20,
+                         overlap=2, steps=2)  # fmt: skip
+    assert videos[0].shape[1] == 20 and len(seen) >= 6 and not any(seen)
