@@ -45,15 +45,13 @@ class LabelDenoiser(nn.Module):
         super().__init__()
         self.time = TimestepEmbedder(hidden)
         self.label = nn.Embedding(classes + 1, hidden)
-        self.net = nn.Sequential(
-            nn.Linear(1, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-            nn.Linear(hidden, 1),
-        )  # fmt: skip
         self.inp = nn.Linear(1, hidden)
+        self.out = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)
+        )  # fmt: skip
 
     def forward(self, x, t, label):
-        h = self.inp(x) + self.time(t) + self.label(label)
-        return self.net[2:](torch.nn.functional.silu(h))
+        return self.out(self.inp(x) + self.time(t) + self.label(label))
 
 
 def _train_label_model(steps: int = 400) -> LabelDenoiser:

@@ -124,14 +124,6 @@ def client_state(checkpoint: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """70 vectors in shards of 20, 20, 20, 10 (uneven)."""
-    out = tmp_path_factory.mktemp("shards")
-    write_shards(TinyRecipe.synthetic("gauss", 70), out, maxcount=20)
-    return out
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 steps in one go, 1 process."""
     folder = tmp_path_factory.mktemp("uninterrupted")

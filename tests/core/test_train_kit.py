@@ -24,7 +24,6 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from polydiff.core.data import write_shards
 from polydiff.core.pretrained import from_pretrained, save_pretrained
 from polydiff.core.train import RunError, launch, load_config, plot_metrics
 from polydiff.core.train.checkpoints import MANIFEST_NAME
@@ -112,13 +111,6 @@ def launched(config: Path, out: Path, **kwargs: Any) -> Path:
 def resumed(run: Path, dest: Path, **kwargs: Any) -> Path:
     shutil.copytree(run, dest)
     return launched(run.parent / "config.yaml", dest, resume=True, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    write_shards(TinyRecipe.synthetic("gauss", 70), out, maxcount=20)
-    return out
 
 
 @pytest.fixture(scope="module")

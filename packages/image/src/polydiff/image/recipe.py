@@ -28,12 +28,13 @@ from polydiff.core.modality import (
     GenerationRequest,
     Modality,
     Sampling,
+    codec_record,
     conditioned_batch,
     denoising_loss,
     load_codec,
     model_params,
 )
-from polydiff.core.pretrained import CheckpointError, class_path
+from polydiff.core.pretrained import CheckpointError
 
 from . import data, synthetic
 from .config import ImageConfig
@@ -140,9 +141,7 @@ class ImageRecipe(Modality):
                 f"{size} must be divisible by the autoencoder's factor times dit.patch "
                 f"{dit_args['patch']}",
             )
-        model = LatentDiT(
-            autoencoder=dict(codec.config), autoencoder_class=class_path(type(codec)), **dit_args
-        )
+        model = LatentDiT(**codec_record(codec), **dit_args)
         model.autoencoder.load_state_dict(codec.state_dict())
         return model
 

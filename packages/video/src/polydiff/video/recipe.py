@@ -28,12 +28,12 @@ from polydiff.core.modality import (
     GenerateOption,
     GenerationRequest,
     Modality,
+    codec_record,
     conditioned_batch,
     denoising_loss,
     load_codec,
     model_params,
 )
-from polydiff.core.pretrained import class_path
 
 from . import data, synthetic
 from .config import VideoConfig, indivisible
@@ -112,10 +112,7 @@ class VideoRecipe(Modality):
             if problem is not None:
                 raise ConfigError(f"model.autoencoder: latent {problem[1]}")
             channels = shapes[0][0]
-            codec_args = {
-                "autoencoder_class": class_path(type(codec)),
-                "autoencoder": dict(codec.config),
-            }
+            codec_args = codec_record(codec)
         model = VideoDiT(
             channels=channels,
             patch=list(dit["patch"]),

@@ -14,7 +14,14 @@ Nothing here imports the trainer or DeepSpeed.
 """
 
 from .checkpoint import bundled_checkpoint, load_trained
-from .codec import LatentCodec, decode_frames, encode_frames, frozen_codec, load_codec
+from .codec import (
+    LatentCodec,
+    codec_record,
+    decode_frames,
+    encode_frames,
+    frozen_codec,
+    load_codec,
+)
 from .conditioning import (
     Conditioner,
     LabelConditioner,
@@ -66,6 +73,7 @@ __all__ = [
     "available_modalities",
     "bundled_checkpoint",
     "check_request",
+    "codec_record",
     "conditioned_batch",
     "decode_frames",
     "default_collate",

@@ -83,8 +83,9 @@ def load_codec(folder: str | Path, where: str = "autoencoder") -> nn.Module:
 
 
 def codec_record(codec: nn.Module) -> dict[str, Any]:
-    """``{"codec_class", "codec"}``: what a denoiser's constructor needs to rebuild ``codec``."""
-    return {"codec_class": class_path(type(codec)), "codec": dict(codec.config)}
+    """``{"autoencoder_class", "autoencoder"}``: the keywords with which a latent denoiser
+    (``LatentDiT``, ``VideoDiT``) rebuilds ``codec`` through :func:`frozen_codec`."""
+    return {"autoencoder_class": class_path(type(codec)), "autoencoder": dict(codec.config)}
 
 
 @torch.no_grad()

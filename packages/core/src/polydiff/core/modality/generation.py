@@ -301,11 +301,15 @@ def generate(modality: type[Modality] | str, request: GenerationRequest) -> Gene
         FileNotFoundError: no checkpoint given and none bundled.
         CheckpointError: a missing, corrupt or other-modality checkpoint.
     """
+    cls = _modality_class(modality)
+    check_request(cls, request)
+    return _generate_checked(cls, request)
+
+
+def _generate_checked(cls: type[Modality], request: GenerationRequest) -> Generated:
     from ..provenance import provenance
     from .checkpoint import bundled_checkpoint, load_trained
 
-    cls = _modality_class(modality)
-    check_request(cls, request)
     folder = bundled_checkpoint(cls) if request.checkpoint is None else Path(request.checkpoint)
     model, bound = load_trained(folder, cls, request.device, request.torch_dtype)
     bound.check_request(request)
@@ -346,5 +350,5 @@ def generate_files(
     cls = _modality_class(modality)
     check_request(cls, request)
     paths = check_output(out, cls.output_suffixes, len(request.prompts) * request.num)
-    made = generate(cls, request)
+    made = _generate_checked(cls, request)
     return made.modality.export(made.outputs, paths, made.metadata)

@@ -106,6 +106,10 @@ class Checkpoints:
 
         engines = _engines(engines)
         main = main or next(iter(engines))
+        for engine in engines.values():
+            # DeepSpeed unpickles with weights_only=False: a replaced file could run code.
+            # Load through the weights-only unpickler instead.
+            engine.checkpoint_engine.load = restricted_load
         tag = self.tag(step)
         tmp = self.folder / f"{TMP_PREFIX}{tag}"
         if self.rank == 0:
@@ -179,6 +183,10 @@ class Checkpoints:
 
         engines = _engines(engines)
         main = main or next(iter(engines))
+        for engine in engines.values():
+            # DeepSpeed unpickles with weights_only=False: a replaced file could run code.
+            # Load through the weights-only unpickler instead.
+            engine.checkpoint_engine.load = restricted_load
         candidates: list[Any] = [None]
         if self.rank == 0:
             candidates = [[(step, path.name) for step, path in self.complete()]]
@@ -200,9 +208,6 @@ class Checkpoints:
             error, client_state, ok, unsafe = "", None, True, False
             try:
                 for part, engine in engines.items():
-                    # DeepSpeed unpickles with weights_only=False: a replaced file could run
-                    # code. Load through the weights-only unpickler instead.
-                    engine.checkpoint_engine.load = restricted_load
                     if list(engines) == [PLAIN]:
                         path, state = engine.load_checkpoint(str(self.folder), tag=name)
                     else:
