@@ -57,6 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        # A process group left to interpreter shutdown can abort the process ("terminate
+        # called without an active exception", exit 250) after a refusal mid-run.
+        import torch.distributed
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
