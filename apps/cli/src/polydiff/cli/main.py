@@ -142,8 +142,11 @@ def generate_parser(modality: type) -> argparse.ArgumentParser:
     add("--dtype", default="float32", choices=tuple(DTYPES),
         help="precision of the model and the text encoder (default: float32)")  # fmt: skip
     for option in modality.generate_options:
-        add(f"--{option.name.replace('_', '-')}", type=option.type, default=option.default,
-            help=option.help)  # fmt: skip
+        flag = f"--{option.name.replace('_', '-')}"
+        if option.type is bool:  # a switch: given means True
+            add(flag, action="store_const", const=True, default=option.default, help=option.help)
+        else:
+            add(flag, type=option.type, default=option.default, help=option.help)
     return parser
 
 

@@ -19,31 +19,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polydiff.core.blocks import DiT, UNet, grid_positions, patchify_2d, unpatchify_2d
+from polydiff.core.blocks import (
+    DiT,
+    TimeAndPooledEmbedding,
+    UNet,
+    grid_positions,
+    patchify_2d,
+    unpatchify_2d,
+)
 from polydiff.core.modality.codec import frozen_codec
 from polydiff.core.pretrained import Configurable, class_path
 
 __all__ = ["KLAutoencoder", "LatentDiT", "PixelDiT", "PixelUNet"]
-
-
-class _TimeAndTextEmbedding(nn.Module):
-    """The U-Net's timestep embedder plus a projection of the pooled text vector.
-
-    ``UNet.forward`` hands its ``t`` argument only to ``time_embed``, so ``PixelUNet`` passes
-    (t, pooled) packed as one (B, 1 + P) tensor and this module unpacks it: the pooled text
-    then modulates every ResBlock (FiLM), next to the cross-attention on the tokens.
-    """
-
-    def __init__(self, time_embed: nn.Module, pooled_dim: int, time_dim: int) -> None:
-        super().__init__()
-        self.time_embed = time_embed
-        self.pooled_proj = nn.Linear(pooled_dim, time_dim)
-
-    def forward(self, packed: Tensor) -> Tensor:
-        """(B, 1 + P) packed (t, pooled) -> (B, time_dim)."""
-        t, pooled = packed[:, 0], packed[:, 1:]
-        emb = self.time_embed(t)
-        return emb + self.pooled_proj(pooled.to(emb.dtype))
 
 
 class PixelUNet(Configurable, nn.Module):
@@ -82,7 +69,7 @@ class PixelUNet(Configurable, nn.Module):
             gradient_checkpointing=gradient_checkpointing,
         )
         time_dim = 4 * base_channels  # the width UNet gives its time embedding
-        self.unet.time_embed = _TimeAndTextEmbedding(self.unet.time_embed, pooled_dim, time_dim)
+        self.unet.time_embed = TimeAndPooledEmbedding(self.unet.time_embed, pooled_dim, time_dim)
 
     def forward(
         self,

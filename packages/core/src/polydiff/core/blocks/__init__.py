@@ -22,7 +22,7 @@ from .patch import (
     unpatchify_2d,
 )
 from .rope import RotaryEmbedding, apply_rotary, grid_positions
-from .unet import ResBlock, SpatialAttention, UNet
+from .unet import ResBlock, SpatialAttention, TimeAndPooledEmbedding, UNet
 
 __all__ = [
     "ATTENTION_LAYOUTS",
@@ -34,6 +34,7 @@ __all__ = [
     "ResBlock",
     "RotaryEmbedding",
     "SpatialAttention",
+    "TimeAndPooledEmbedding",
     "TimestepEmbedder",
     "UNet",
     "apply_rotary",

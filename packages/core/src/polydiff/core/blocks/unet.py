@@ -132,6 +132,27 @@ class _Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+class TimeAndPooledEmbedding(nn.Module):
+    """A U-Net's timestep embedder plus a projection of a pooled conditioning vector.
+
+    ``UNet.forward`` hands its ``t`` argument only to ``time_embed``; a denoiser that replaces
+    ``unet.time_embed`` with this module passes (t, pooled) packed as one (B, 1 + P) tensor,
+    which is unpacked here: the pooled vector (a sentence or CLAP embedding) then modulates
+    every ResBlock (FiLM), next to the cross-attention on the tokens.
+    """
+
+    def __init__(self, time_embed: nn.Module, pooled_dim: int, time_dim: int) -> None:
+        super().__init__()
+        self.time_embed = time_embed
+        self.pooled_proj = nn.Linear(pooled_dim, time_dim)
+
+    def forward(self, packed: Tensor) -> Tensor:
+        """(B, 1 + P) packed (t, pooled) -> (B, time_dim)."""
+        t, pooled = packed[:, 0], packed[:, 1:]
+        emb = self.time_embed(t)
+        return emb + self.pooled_proj(pooled.to(emb.dtype))
+
+
 class UNet(nn.Module):
     """Timestep-conditioned U-Net for 2D (``dims=2``) or 1D (``dims=1``) signals.
 

@@ -123,6 +123,8 @@ def captioned_source(
     suffixes: Mapping[str, str],
     probe: Callable[[bytes], dict[str, Any]],
     what: str,
+    *,
+    require_caption: bool = True,
 ) -> Iterator[dict[str, Any] | Skip]:
     """Shard samples of the captioned files of ``folder`` (recursively, sorted by path): the
     skeleton of every modality's ``source``.
@@ -132,11 +134,13 @@ def captioned_source(
         probe: encoded bytes -> metadata (sizes, rates) read from the content itself; raises
             ``ValueError`` (its message says why) for a file that cannot be read.
         what: the kind of file, for skip reasons ("image", "video").
+        require_caption: skip files without a caption (``"no caption"``); when False they
+            are yielded with the caption ``""`` (audio can train on uncaptioned sounds).
 
     Yields:
         ``{"__key__", <field>: encoded bytes, "txt": caption, "json": {"file", **probe}}`` per
         readable file, and ``Skip(key, "unreadable <what> (<why>)")`` or
-        ``Skip(key, "no caption")``.
+        ``Skip(key, "no caption")`` (only with ``require_caption``).
 
     Raises:
         FileNotFoundError: ``folder`` is not a folder.
@@ -153,7 +157,7 @@ def captioned_source(
         except ValueError as e:
             yield Skip(entry.key, f"unreadable {what} ({e})")
             continue
-        if not entry.caption:
+        if not entry.caption and require_caption:
             yield Skip(entry.key, "no caption")
             continue
         yield {

@@ -82,7 +82,8 @@ class ConfigError(ValueError):
 class GenerateOption:
     """A modality's own generation option: ``--frames`` on the CLI, ``frames=`` in Python.
 
-    ``type`` parses the command-line string (``int``, ``float``, ``str`` or ``Path``).
+    ``type`` parses the command-line string (``int``, ``float``, ``str`` or ``Path``);
+    ``bool`` options are switches (``--mel-png``).
     """
 
     name: str

@@ -43,10 +43,12 @@ def denoising_loss(
     cond: Mapping[str, Any],
     generator: torch.Generator,
     mask: Tensor | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """``diffusion_loss`` with everything a denoising config sets: schedule, prediction,
     time distribution, weighting and min-SNR gamma. ``mask`` (broadcastable to ``x0``) is 0
-    where the loss ignores the target (padding, given frames)."""
+    where the loss ignores the target (given frames); ``valid`` is 0 at padding, which the
+    model is told about and which stays exactly 0 (variable length)."""
     return diffusion_loss(
         model,
         x0,
@@ -54,6 +56,7 @@ def denoising_loss(
         prediction=config["prediction"],
         cond=cond,
         mask=mask,
+        valid=valid,
         time_distribution=config["time_distribution"],
         weighting=config["weighting"],
         snr_gamma=float(config["snr_gamma"]),
