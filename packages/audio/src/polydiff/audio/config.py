@@ -46,6 +46,7 @@ from polydiff.core.modality.schema import (
     Problem,
     Text,
     TransformerSchema,
+    UNetSchema,
 )
 
 from .mel import MelSettings
@@ -111,25 +112,12 @@ class DiTSection(TransformerSchema):
         return self
 
 
-class UNetSection(ModelSchema):
+class UNetSection(UNetSchema):
     """``unet:``: a 2D U-Net over the (1, n_mels, frames) mel image."""
 
-    base_channels: Annotated[int, Number(1)] = 32
     channel_mult: Annotated[list[int], IntList(1)] = Field(default_factory=lambda: [1, 2, 2])
     num_res_blocks: Annotated[int, Number(1)] = 1
     attention_levels: Annotated[list[int], IntList(0)] = Field(default_factory=lambda: [2])
-    heads: Annotated[int, Number(1)] = 4
-    dropout: Annotated[float, Number(0.0)] = 0.0
-
-    @model_validator(mode="after")
-    def _attention_fits(self) -> UNetSection:
-        if not self.channel_mult:
-            raise Problem("needs at least one level", "channel_mult")
-        if any(level >= len(self.channel_mult) for level in self.attention_levels):
-            raise Problem("must index channel_mult", "attention_levels")
-        if any(self.base_channels * m % self.heads for m in self.channel_mult):
-            raise Problem("must divide every level's width", "heads")
-        return self
 
 
 class GanSection(ModelSchema):
@@ -185,7 +173,7 @@ class AudioConfig(DenoisingSchema):
         if self.conditioning == "clap" and self.clap is None:
             raise Problem("conditioning clap needs a CLAP model (folder or .pt)", "clap")
         if self.unet is not None:
-            factor = 2 ** (len(self.unet.channel_mult) - 1)
+            factor = self.unet.downsample_factor
             if self.mel.n_mels % factor:
                 raise Problem(
                     f"n_mels {self.mel.n_mels} is not divisible by the U-Net's factor {factor}",

@@ -33,7 +33,7 @@ from torch import Tensor
 from polydiff.core.files import output_paths as core_output_paths
 from polydiff.core.provenance import (
     atomic_output,
-    check_output,
+    output_targets,
     polydiff_version,
     record_json,
     sidecar_path,
@@ -182,26 +182,10 @@ def save_sounds(
     """
     if not waves:
         raise ValueError("no sounds to save")
-    records: list[Mapping[str, Any] | None] = (
-        [None] * len(waves) if metadata is None else list(metadata)
-    )
-    if len(records) != len(waves):
-        raise ValueError(f"got {len(records)} metadata records for {len(waves)} sounds")
-    single = isinstance(paths, str | Path)
-    targets = output_paths(paths, len(waves)) if single else [Path(p) for p in paths]
-    if len(targets) != len(waves):
-        raise ValueError(f"got {len(targets)} paths for {len(waves)} sounds")
-    for target in targets:
-        if target.suffix.lower() not in AUDIO_OUTPUT_SUFFIXES:
-            raise ValueError(
-                f"cannot write {target.suffix!r} audio; use one of "
-                + ", ".join(AUDIO_OUTPUT_SUFFIXES)
-            )
-    if single:
-        check_output(paths, AUDIO_OUTPUT_SUFFIXES, len(waves))  # folders: exist, writable
+    targets = output_targets(len(waves), paths, metadata, AUDIO_OUTPUT_SUFFIXES, "sounds")
     return [
         write_audio(wave, target, sample_rate, metadata=record)
-        for wave, target, record in zip(waves, targets, records, strict=True)
+        for wave, (target, record) in zip(waves, targets, strict=True)
     ]
 
 

@@ -91,6 +91,7 @@ __all__ = [
     "atomic_output",
     "check_output",
     "checkpoint_id",
+    "output_targets",
     "parameters_text",
     "polydiff_version",
     "provenance",
@@ -317,6 +318,42 @@ def check_output(out: str | Path, suffixes: Sequence[str], num: int) -> list[Pat
         raise ValueError(f"{where}: cannot write in folder {folder} ({_reason(exc)})") from None
     probe.unlink()
     return paths
+
+
+def output_targets(
+    count: int,
+    paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    metadata: Sequence[Mapping[str, Any]] | None,
+    suffixes: Sequence[str],
+    what: str,
+) -> list[tuple[Path, Mapping[str, Any] | None]]:
+    """Where each of ``count`` outputs of a modality's ``save_*`` goes, with its record;
+    checked before any file is written.
+
+    Args:
+        paths: one path per output, or a single ``--out`` FILE expanded by the ``--num``
+            naming rule (:func:`check_output`: folders exist and are writable).
+        metadata: one provenance record per output, or None (bare files, no sidecars).
+        suffixes: the suffixes the modality writes. what: the outputs in words ("videos").
+
+    Raises:
+        ValueError: counts that do not match or a suffix the modality cannot write.
+    """
+    records = [None] * count if metadata is None else list(metadata)
+    if len(records) != count:
+        raise ValueError(f"got {len(records)} metadata records for {count} {what}")
+    single = isinstance(paths, str | os.PathLike)
+    targets = output_paths(paths, count, suffixes[0]) if single else [Path(p) for p in paths]
+    if len(targets) != count:
+        raise ValueError(f"got {len(targets)} paths for {count} {what}")
+    for target in targets:
+        if target.suffix.lower() not in suffixes:
+            raise ValueError(
+                f"cannot write {target.suffix!r} {what}; use one of {', '.join(suffixes)}"
+            )
+    if single:
+        check_output(paths, suffixes, count)
+    return list(zip(targets, records, strict=True))
 
 
 @contextlib.contextmanager

@@ -43,6 +43,7 @@ from polydiff.core.modality.schema import (
     OneOf,
     Problem,
     TransformerSchema,
+    UNetSchema,
     defaults,
 )
 
@@ -84,25 +85,8 @@ def _levels(value: list[int]) -> list[int]:
     return value
 
 
-class UNetSection(ModelSchema):
+class UNetSection(UNetSchema):
     """``unet:`` (kind unet): a pixel U-Net."""
-
-    base_channels: Annotated[int, Number(1)] = 32
-    channel_mult: Annotated[list[int], IntList(1)] = Field(default_factory=lambda: [1, 2])
-    num_res_blocks: Annotated[int, Number(1)] = 2
-    attention_levels: Annotated[list[int], IntList(0)] = Field(default_factory=lambda: [1])
-    heads: Annotated[int, Number(1)] = 4
-    dropout: Annotated[float, Number(0.0)] = 0.0
-
-    _channel_mult = field_validator("channel_mult")(_levels)
-
-    @model_validator(mode="after")
-    def _attention_fits(self) -> UNetSection:
-        if any(level >= len(self.channel_mult) for level in self.attention_levels):
-            raise Problem("must index channel_mult", "attention_levels")
-        if any(self.base_channels * m % self.heads for m in self.channel_mult):
-            raise Problem("must divide every level's width", "heads")
-        return self
 
 
 class DiTSection(TransformerSchema):
@@ -172,7 +156,7 @@ class ImageConfig(DenoisingSchema):
     def downsample_factor(self) -> int:
         """What the image side must be divisible by (known before loading anything)."""
         if self.unet is not None:
-            return 2 ** (len(self.unet.channel_mult) - 1)
+            return self.unet.downsample_factor
         if isinstance(self.autoencoder, AutoencoderSection):
             return 2 ** (len(self.autoencoder.channel_mult) - 1)
         if self.kind == "dit" and self.dit is not None:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from polydiff.core.files import output_paths as core_output_paths
 from polydiff.core.pixels import to_uint8
-from polydiff.core.provenance import atomic_output, check_output, record_json, write_sidecar
+from polydiff.core.provenance import atomic_output, output_targets, record_json, write_sidecar
 
 __all__ = [
     "VIDEO_OUTPUT_SUFFIXES",
@@ -176,25 +176,9 @@ def save_videos(
     """
     if not videos:
         raise ValueError("no videos to save")
-    records: list[Mapping[str, Any] | None] = (
-        [None] * len(videos) if metadata is None else list(metadata)
-    )
-    if len(records) != len(videos):
-        raise ValueError(f"got {len(records)} metadata records for {len(videos)} videos")
-    single = isinstance(paths, str | Path)
-    targets = output_paths(paths, len(videos)) if single else [Path(p) for p in paths]
-    if len(targets) != len(videos):
-        raise ValueError(f"got {len(targets)} paths for {len(videos)} videos")
-    for target in targets:
-        if target.suffix.lower() not in VIDEO_OUTPUT_SUFFIXES:
-            raise ValueError(
-                f"cannot write {target.suffix!r} videos; use one of "
-                + ", ".join(VIDEO_OUTPUT_SUFFIXES)
-            )
-    if single:
-        check_output(paths, VIDEO_OUTPUT_SUFFIXES, len(videos))  # folders: exist, writable
+    targets = output_targets(len(videos), paths, metadata, VIDEO_OUTPUT_SUFFIXES, "videos")
     written = []
-    for video, target, record in zip(videos, targets, records, strict=True):
+    for video, (target, record) in zip(videos, targets, strict=True):
         if target.suffix.lower() == ".mp4":
             written.append(write_mp4(video, target, fps, metadata=record))
         else:

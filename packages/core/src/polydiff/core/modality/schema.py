@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, get_args
 
 import pydantic
-from pydantic import ConfigDict, GetCoreSchemaHandler, model_validator
+from pydantic import ConfigDict, Field, GetCoreSchemaHandler, model_validator
 from pydantic_core import CoreSchema, core_schema
 
 from ..objectives import TIME_DISTRIBUTIONS, WEIGHTINGS
@@ -65,6 +65,7 @@ __all__ = [
     "Problem",
     "Text",
     "TransformerSchema",
+    "UNetSchema",
     "UnknownKeys",
     "defaults",
     "describe",
@@ -287,6 +288,33 @@ class TransformerSchema(ModelSchema):
             raise Problem("dim / heads must be a multiple of 4 (2D rotary)", "heads")
         if axes == 3 and (rest or head_dim % 2 or head_dim < 6):
             raise Problem("dim / heads must be an even number >= 6 (3D rotary)", "heads")
+
+
+class UNetSchema(ModelSchema):
+    """The sizes of a ``polydiff.core.blocks.UNet`` section; a modality's section may change
+    the defaults."""
+
+    base_channels: Annotated[int, Number(1)] = 32
+    channel_mult: Annotated[list[int], IntList(1)] = Field(default_factory=lambda: [1, 2])
+    num_res_blocks: Annotated[int, Number(1)] = 2
+    attention_levels: Annotated[list[int], IntList(0)] = Field(default_factory=lambda: [1])
+    heads: Annotated[int, Number(1)] = 4
+    dropout: Annotated[float, Number(0.0)] = 0.0
+
+    @model_validator(mode="after")
+    def _levels_fit(self) -> UNetSchema:
+        if not self.channel_mult:
+            raise Problem("needs at least one level", "channel_mult")
+        if any(level >= len(self.channel_mult) for level in self.attention_levels):
+            raise Problem("must index channel_mult", "attention_levels")
+        if any(self.base_channels * m % self.heads for m in self.channel_mult):
+            raise Problem("must divide every level's width", "heads")
+        return self
+
+    @property
+    def downsample_factor(self) -> int:
+        """What every spatial size must be divisible by."""
+        return 2 ** (len(self.channel_mult) - 1)
 
 
 class DenoisingSchema(ModelSchema):
