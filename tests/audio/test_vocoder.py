@@ -177,9 +177,19 @@ def test_neural_vocoder_phase_rotates_at_each_bin_frequency():
     torch.testing.assert_close(advance.sin(), expected.sin().float(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("phase", ["local", "accumulated", "gated"])
+def test_every_phase_model_keeps_the_contract(phase):
+    vocoder = NeuralVocoder(phase=phase, mel_prior=phase != "local", **TINY_GENERATOR)
+    wave = vocoder.vocode(MEL.log_mel(_sound(0.2)))
+    assert wave.shape == (1, MEL.samples(MEL.frames(_sound(0.2).shape[-1])))
+    assert torch.isfinite(wave).all()
+
+
 def test_neural_vocoder_refuses_bad_sizes():
     with pytest.raises(ValueError, match="odd kernel"):
         NeuralVocoder(kernel=4)
+    with pytest.raises(ValueError, match="phase"):
+        NeuralVocoder(phase="random")
     with pytest.raises(ValueError, match="unknown setting"):
         NeuralVocoder(mel={"bands": 64})
 
@@ -245,10 +255,11 @@ def test_generator_part_reaches_the_generator_with_every_term():
     torch.manual_seed(0)
     gan = VocoderGAN(**TINY_GAN)
     wave, log_mel = _batch()
-    loss, extras = vocoder_loss(gan, wave, log_mel, "generator", {"stft": 1.0})
+    loss, extras = vocoder_loss(gan, wave, log_mel, "generator", {"stft": 2.0})
     assert set(extras) == {"mel", "feature", "adversarial", "stft"}
     assert all(torch.isfinite(v) and v > 0 for v in extras.values())
-    weighted = sum(DEFAULT_LOSS_WEIGHTS[k] * extras[k] for k in extras)
+    weights = {**DEFAULT_LOSS_WEIGHTS, "stft": 2.0}  # missing names take the defaults
+    weighted = sum(weights[k] * extras[k] for k in extras)
     assert loss.item() == pytest.approx(weighted.item(), rel=1e-5)
     loss.backward()
     assert all(g is not None and torch.isfinite(g).all() for g in _grads(gan.generator))

@@ -20,8 +20,8 @@ encoder, schedule, prediction, weighting, CFG dropout, sampling defaults:
     unet: {base_channels: 32, channel_mult: [1, 2, 2], num_res_blocks: 1,
            attention_levels: [2], heads: 4, dropout: 0.0}   # kind unet: the mel as an image
     gan: {segment_seconds: 0.5, dim: 128, intermediate: 384, layers: 6,
-          periods: [2, 3, 5, 7, 11], discriminator_channels: 16,
-          mel_weight: 45.0, feature_weight: 2.0, adversarial_weight: 1.0, stft_weight: 1.0,
+          periods: [2, 3, 5, 7, 11], discriminator_channels: 8,
+          mel_weight: 45.0, feature_weight: 2.0, adversarial_weight: 1.0, stft_weight: 45.0,
           adversarial_start: 0}
                             # kind vocoder
 
@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import Field, model_validator
 
 from polydiff.core.modality.schema import (
-    DenoisingSchema,
     IntList,
+    KindSchema,
     ModelSchema,
     Number,
     OneOf,
@@ -128,17 +128,17 @@ class GanSection(ModelSchema):
     intermediate: Annotated[int, Number(1)] = 384
     layers: Annotated[int, Number(1)] = 6
     periods: Annotated[list[int], IntList(2)] = Field(default_factory=lambda: [2, 3, 5, 7, 11])
-    discriminator_channels: Annotated[int, Number(1)] = 16
+    discriminator_channels: Annotated[int, Number(1)] = 8
     mel_weight: Annotated[float, Number(0.0)] = 45.0
     feature_weight: Annotated[float, Number(0.0)] = 2.0
     adversarial_weight: Annotated[float, Number(0.0)] = 1.0
-    stft_weight: Annotated[float, Number(0.0)] = 1.0
+    stft_weight: Annotated[float, Number(0.0)] = 45.0
     #: Discriminator updates before the adversarial phase: until then the generator learns
     #: from mel + STFT alone and the discriminators idle (Parallel WaveGAN's schedule).
     adversarial_start: Annotated[int, Number(0)] = 0
 
 
-class AudioConfig(DenoisingSchema):
+class AudioConfig(KindSchema):
     """The audio ``model:`` section (see the module doc)."""
 
     kind: Annotated[str, _KIND] = "dit"
@@ -151,20 +151,12 @@ class AudioConfig(DenoisingSchema):
     unet: UNetSection | None = None
     gan: GanSection | None = None
 
+    kind_sections: ClassVar[Mapping[str, tuple[str, ...]]] = KIND_SECTIONS
+
     @classmethod
     def prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """Check ``kind`` first (the sections depend on it), refuse the sections it does not
-        read and fill in the one it does."""
-        kind = _KIND.check(data.get("kind", "dit"), "kind")
-        for section in SECTIONS:
-            if section in data and section not in KIND_SECTIONS[kind]:
-                raise Problem(f"is not used by kind {kind!r}; remove it", section)
-        for section in KIND_SECTIONS[kind]:
-            given = data.get(section, {})
-            if not isinstance(given, Mapping):
-                raise Problem(f"expected a mapping, got {type(given).__name__}", section)
-            data[section] = given
-        if kind == "vocoder" and data.get("vocoder") is not None:
+        data = super().prepare(data)
+        if data.get("kind", "dit") == "vocoder" and data.get("vocoder") is not None:
             raise Problem("a vocoder run trains the vocoder; remove it", "vocoder")
         return data
 
@@ -180,14 +172,6 @@ class AudioConfig(DenoisingSchema):
                     "unet",
                 )
         return self
-
-    @model_serializer(mode="wrap")
-    def _kind_sections_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        for section in SECTIONS:
-            if section not in KIND_SECTIONS[self.kind]:
-                data.pop(section, None)
-        return data
 
 
 def mel_settings(config: Mapping[str, Any]) -> MelSettings:

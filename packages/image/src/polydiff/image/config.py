@@ -25,19 +25,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import PurePath
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
     Field,
-    SerializerFunctionWrapHandler,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
 from polydiff.core.modality.schema import (
-    DenoisingSchema,
     IntList,
+    KindSchema,
     ModelSchema,
     Number,
     OneOf,
@@ -111,7 +109,7 @@ class AutoencoderSection(ModelSchema):
     _channel_mult = field_validator("channel_mult")(_levels)
 
 
-class ImageConfig(DenoisingSchema):
+class ImageConfig(KindSchema):
     """The image ``model:`` section (see the module doc)."""
 
     kind: Annotated[str, _KIND] = "unet"
@@ -122,27 +120,20 @@ class ImageConfig(DenoisingSchema):
     #: A section (kind autoencoder) or a checkpoint folder (kind latent_dit).
     autoencoder: AutoencoderSection | str | None = None
 
+    kind_sections: ClassVar[Mapping[str, tuple[str, ...]]] = KIND_SECTIONS
+
     @classmethod
-    def prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """Check ``kind`` first (the sections depend on it), refuse the sections it does not
-        read and fill in those it does."""
-        kind = _KIND.check(data.get("kind", "unet"), "kind")
-        for section in SECTIONS:
-            if section in data and section not in KIND_SECTIONS[kind]:
-                raise Problem(f"is not used by kind {kind!r}; remove it", section)
-        for section in KIND_SECTIONS[kind]:
-            given = data.get(section, {})
-            if kind == "latent_dit" and section == "autoencoder":
-                if not isinstance(given, str | PurePath) or not str(given):
-                    raise Problem(_NEEDS_AUTOENCODER, "autoencoder")
-                data["autoencoder"] = str(given)
-                continue
-            if not isinstance(given, Mapping):
-                raise Problem(f"expected a mapping, got {type(given).__name__}", section)
-            if kind == "latent_dit" and section == "dit":
-                given = {**LATENT_DIT_DEFAULTS, **given}
-            data[section] = given
-        return data
+    def prepare_section(cls, kind: str, section: str, given: Any) -> Any:
+        """Kind latent_dit: ``autoencoder`` is a checkpoint path and ``dit`` defaults to
+        ``LATENT_DIT_DEFAULTS``."""
+        if kind == "latent_dit" and section == "autoencoder":
+            if not isinstance(given, str | PurePath) or not str(given):
+                raise Problem(_NEEDS_AUTOENCODER, "autoencoder")
+            return str(given)
+        given = super().prepare_section(kind, section, given)
+        if kind == "latent_dit" and section == "dit":
+            return {**LATENT_DIT_DEFAULTS, **given}
+        return given
 
     @field_validator("autoencoder", mode="wrap")
     @classmethod
@@ -169,14 +160,6 @@ class ImageConfig(DenoisingSchema):
         if self.image_size % factor:
             raise Problem(f"{self.image_size} is not divisible by {factor}", "image_size")
         return self
-
-    @model_serializer(mode="wrap")
-    def _kind_sections_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        for section in SECTIONS:
-            if section not in KIND_SECTIONS[self.kind]:
-                data.pop(section, None)
-        return data
 
 
 #: The top-level defaults (sections aside: ``SECTION_DEFAULTS``).

@@ -41,10 +41,17 @@ import copy
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, ClassVar, get_args
 
 import pydantic
-from pydantic import ConfigDict, Field, GetCoreSchemaHandler, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import CoreSchema, core_schema
 
 from ..objectives import TIME_DISTRIBUTIONS, WEIGHTINGS
@@ -58,6 +65,7 @@ __all__ = [
     "Flag",
     "IntList",
     "Issue",
+    "KindSchema",
     "ModelSchema",
     "Number",
     "OneOf",
@@ -340,6 +348,49 @@ class DenoisingSchema(ModelSchema):
         if self.zero_terminal_snr and self.prediction == "eps":
             raise Problem("eps cannot be used with zero_terminal_snr (use v or x0)", "prediction")
         return self
+
+
+class KindSchema(DenoisingSchema):
+    """A denoising section whose ``kind`` says which sub-sections it reads (image: ``unet``,
+    ``dit``, ``autoencoder``; audio: ``dit``, ``unet``, ``gan``): a sub-section another kind
+    reads is refused, the kind's own are filled in with their defaults, and the validated
+    config holds exactly the kind's sections. Subclasses set ``kind_sections`` and declare
+    ``kind`` and the sections as fields."""
+
+    #: kind -> the sections it reads, the first kind the default.
+    kind_sections: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+
+    @classmethod
+    def all_sections(cls) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(s for sections in cls.kind_sections.values() for s in sections))
+
+    @classmethod
+    def prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Check ``kind`` first (the sections depend on it), refuse the sections it does not
+        read and fill in those it does (:meth:`prepare_section`)."""
+        kinds = tuple(cls.kind_sections)
+        kind = OneOf(kinds).check(data.get("kind", kinds[0]), "kind")
+        for section in cls.all_sections():
+            if section in data and section not in cls.kind_sections[kind]:
+                raise Problem(f"is not used by kind {kind!r}; remove it", section)
+        for section in cls.kind_sections[kind]:
+            data[section] = cls.prepare_section(kind, section, data.get(section, {}))
+        return data
+
+    @classmethod
+    def prepare_section(cls, kind: str, section: str, given: Any) -> Any:
+        """The given value of a section ``kind`` reads (default: a mapping of its keys)."""
+        if not isinstance(given, Mapping):
+            raise Problem(f"expected a mapping, got {type(given).__name__}", section)
+        return given
+
+    @model_serializer(mode="wrap")
+    def _kind_sections_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for section in self.all_sections():
+            if section not in self.kind_sections[data["kind"]]:
+                data.pop(section, None)
+        return data
 
 
 def defaults(schema: type[pydantic.BaseModel]) -> dict[str, Any]:
