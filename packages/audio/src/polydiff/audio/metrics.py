@@ -394,8 +394,10 @@ def real_sounds(count: int, seed: int = 0, seconds: float = 2.0,
 
 def train_evaluator(out: str | os.PathLike[str], *, steps: int = 400, count: int = 1200,
                     seed: int = 0, log: Any = print) -> SoundEvaluator:  # fmt: skip
-    """Train the evaluator on ``count`` fresh synthetic sounds (random gain and length crops
-    as augmentation) and save it to ``out``; reports held-out accuracy."""
+    """Train the evaluator on ``count`` fresh synthetic sounds and save it to ``out``; reports
+    held-out accuracy. Augmentation: random gain, length crops and, on 70 % of the sounds, a
+    white-noise floor 60-25 dB below full scale (mixed in the magnitude domain), so that a
+    generator's background hiss does not hide what the sound is."""
     torch.manual_seed(seed)
     mel = MelSettings()
     waves, labels = real_sounds(count, seed=seed)
@@ -404,12 +406,17 @@ def train_evaluator(out: str | os.PathLike[str], *, steps: int = 400, count: int
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
     frames = log_mels.shape[-1]
+    noise_mels = mel.log_mel(torch.randn(64, waves.shape[-1], generator=generator))
     for step in range(steps):
         idx = torch.randint(0, count, (64,), generator=generator)
         length = int(torch.randint(frames // 2, frames + 1, (1,), generator=generator))
         start = int(torch.randint(0, frames - length + 1, (1,), generator=generator))
         gain = torch.empty(64, 1, 1).uniform_(-1.5, 1.0, generator=generator)  # log-amplitude
         batch = (log_mels[idx, :, start : start + length] + gain).clamp_min(mel.silence)
+        floor = torch.empty(64, 1, 1).uniform_(math.log(5e-4), math.log(5e-2), generator=generator)
+        noisy = torch.rand(64, 1, 1, generator=generator) < 0.7
+        hiss = noise_mels[:, :, start : start + length] + floor
+        batch = torch.where(noisy, torch.logaddexp(batch, hiss), batch)
         loss = F.cross_entropy(model(batch), labels[idx])
         optimizer.zero_grad()
         loss.backward()
