@@ -95,6 +95,7 @@ def test_inpainting_a_middle_gap_keeps_both_sides(tiny_checkpoint, tmp_path):
         ({"keep": "0:1"}, "keep needs init"),
         ({"init": "missing.wav", "keep": "0:1"}, "init not found"),
         ({"rerank": 2}, "rerank needs a CLAP model"),
+        ({"mel_png": "yes"}, "mel_png must be True or False"),
     ],
 )
 def test_bad_audio_options_are_one_line_refusals(tiny_checkpoint, options, message):

@@ -124,6 +124,9 @@ def check_audio_options(options: Mapping[str, Any]) -> None:
         isinstance(rerank, bool) or not isinstance(rerank, int) or not 1 <= rerank <= MAX_RERANK
     ):
         raise RequestError("rerank", f"rerank must be an integer in [1, {MAX_RERANK}]")
+    mel_png = options.get("mel_png")
+    if mel_png is not None and not isinstance(mel_png, bool):
+        raise RequestError("mel_png", f"mel_png must be True or False, got {mel_png!r}")
     for name in ("init", "clap"):
         path = options.get(name)
         if path is not None and not Path(path).exists():
@@ -136,15 +139,20 @@ def check_audio_options(options: Mapping[str, Any]) -> None:
         raise RequestError("init", "init needs keep: the ranges to keep (e.g. 0:1.5)")
 
 
-def resolved_seconds(config: Mapping[str, Any], options: Mapping[str, Any]) -> float:
-    """The length of the sounds: ``seconds``, else the init sound's, else the trained one."""
+def resolved_seconds(
+    config: Mapping[str, Any], options: Mapping[str, Any], init_seconds: float | None = None
+) -> float:
+    """The length of the sounds: ``seconds``, else the init sound's (``init_seconds`` when
+    the caller has it decoded, else read from ``options["init"]``), else the trained one."""
     if options.get("seconds") is not None:
         return float(options["seconds"])
     if options.get("init") is not None:
-        from .data import read_audio
+        if init_seconds is None:
+            from .data import read_audio
 
-        samples, rate = read_audio(Path(options["init"]))
-        return min(MAX_SECONDS, max(samples.shape[-1] / rate, float(config["seconds"])))
+            samples, rate = read_audio(Path(options["init"]))
+            init_seconds = samples.shape[-1] / rate
+        return min(MAX_SECONDS, max(init_seconds, float(config["seconds"])))
     return float(config["seconds"])
 
 
@@ -263,7 +271,13 @@ def generate_sounds(
     """One :class:`Sound` per ``request.repeated`` prompt (see the module doc)."""
     opts = request.options
     mel: MelSettings = model.mel
-    seconds = resolved_seconds(config, opts)
+    init_wave, keep = None, []
+    if opts.get("init") is not None:
+        from .data import load_wave
+
+        init_wave, keep = load_wave(Path(opts["init"]), mel), parse_keep(opts["keep"])
+    init_seconds = None if init_wave is None else init_wave.shape[-1] / mel.sample_rate
+    seconds = resolved_seconds(config, opts, init_seconds)
     vocoder = select_vocoder(model, opts.get("vocoder"))
     rerank = int(opts.get("rerank") or 1)
     embedder = None
@@ -276,11 +290,6 @@ def generate_sounds(
         from .clap import load_clap
 
         embedder = load_clap(clap_path, device=request.device)
-    init_wave, keep = None, []
-    if opts.get("init") is not None:
-        from .data import load_wave
-
-        init_wave, keep = load_wave(Path(opts["init"]), mel), parse_keep(opts["keep"])
     prompts = [p for p in request.repeated for _ in range(rerank)]
     log_mels = sample_mels(
         model,

@@ -43,7 +43,7 @@ import torchaudio
 from torch import Tensor, nn
 
 from polydiff.audio.mel import MelSettings
-from polydiff.audio.metrics import multi_resolution_stft_distance
+from polydiff.audio.metrics import multi_resolution_stft_distance, stft_magnitude
 from polydiff.core.pretrained import Configurable
 
 __all__ = [
@@ -370,6 +370,23 @@ def _as_channels(channels: Sequence[int], name: str) -> list[int]:
     return out
 
 
+def _judge(convs: nn.ModuleList, post: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """A sub-discriminator's conv stack: (logits (B, N), the feature map after every conv)."""
+    features = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), 0.1)
+        features.append(x)
+    x = post(x)
+    features.append(x)
+    return x.flatten(1), features
+
+
+def _judge_each(discriminators: nn.ModuleList, wave: Tensor) -> tuple[list[Tensor], Features]:
+    """Every sub-discriminator on ``wave``: (logits of each, feature maps of each)."""
+    judged = [d(wave) for d in discriminators]
+    return [y for y, _ in judged], [f for _, f in judged]
+
+
 class PeriodDiscriminator(nn.Module):
     """HiFi-GAN's sub-discriminator of one period: the wave folded to (S / p, p), 2-D convs
     with (k, 1) kernels (each column of samples p apart is judged alone)."""
@@ -391,13 +408,7 @@ class PeriodDiscriminator(nn.Module):
         if pad:
             wave = F.pad(wave[:, None], (0, pad), mode="reflect")[:, 0]
         x = wave.view(b, 1, -1, self.period).to(self.post.weight.dtype)  # bf16 runs
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            features.append(x)
-        x = self.post(x)
-        features.append(x)
-        return x.flatten(1), features
+        return _judge(self.convs, self.post, x)
 
 
 class MultiPeriodDiscriminator(nn.Module):
@@ -415,12 +426,7 @@ class MultiPeriodDiscriminator(nn.Module):
         self.discriminators = nn.ModuleList(PeriodDiscriminator(p, chans) for p in periods)
 
     def forward(self, wave: Tensor) -> tuple[list[Tensor], Features]:
-        logits, features = [], []
-        for d in self.discriminators:
-            y, f = d(wave)
-            logits.append(y)
-            features.append(f)
-        return logits, features
+        return _judge_each(self.discriminators, wave)
 
 
 class ResolutionDiscriminator(nn.Module):
@@ -430,7 +436,6 @@ class ResolutionDiscriminator(nn.Module):
     def __init__(self, n_fft: int, hop: int, win: int, channels: int = 8):
         super().__init__()
         self.n_fft, self.hop, self.win = int(n_fft), int(hop), int(win)
-        self.register_buffer("window", torch.hann_window(self.win), persistent=False)
         c = int(channels)
         self.convs = nn.ModuleList(
             [
@@ -445,27 +450,11 @@ class ResolutionDiscriminator(nn.Module):
         self.post = nn.Conv2d(c, 1, (3, 3), padding=(1, 1))
 
     def forward(self, wave: Tensor) -> tuple[Tensor, list[Tensor]]:
-        spec = torch.stft(
-            wave.float(),
-            n_fft=self.n_fft,
-            hop_length=self.hop,
-            win_length=self.win,
-            window=self.window,
-            center=True,
-            pad_mode="reflect",
-            return_complex=True,
-        )
-        power = spec.real.square() + spec.imag.square()
+        magnitude = stft_magnitude(wave.float(), self.n_fft, self.hop, self.win, floor=1e-4)
         # log magnitude, floored at 1e-4 (-9.2) and scaled to about unit range
-        x = (0.5 * power.clamp_min(1e-8).log() / 4.0).transpose(1, 2)[:, None]
+        x = (magnitude.log() / 4.0).transpose(1, 2)[:, None]
         x = x.to(self.post.weight.dtype)  # the STFT runs in float32, the convs maybe in bf16
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            features.append(x)
-        x = self.post(x)
-        features.append(x)
-        return x.flatten(1), features
+        return _judge(self.convs, self.post, x)
 
 
 class MultiResolutionDiscriminator(nn.Module):
@@ -487,12 +476,7 @@ class MultiResolutionDiscriminator(nn.Module):
         )
 
     def forward(self, wave: Tensor) -> tuple[list[Tensor], Features]:
-        logits, features = [], []
-        for d in self.discriminators:
-            y, f = d(wave)
-            logits.append(y)
-            features.append(f)
-        return logits, features
+        return _judge_each(self.discriminators, wave)
 
 
 class Discriminators(nn.Module):
