@@ -96,6 +96,7 @@ def test_inpainting_a_middle_gap_keeps_both_sides(tiny_checkpoint, tmp_path):
         ({"init": "missing.wav", "keep": "0:1"}, "init not found"),
         ({"rerank": 2}, "rerank needs a CLAP model"),
         ({"mel_png": "yes"}, "mel_png must be True or False"),
+        ({"num": 1000, "seconds": 60}, "more than 3600 s of sound in one call"),
     ],
 )
 def test_bad_audio_options_are_one_line_refusals(tiny_checkpoint, options, message):

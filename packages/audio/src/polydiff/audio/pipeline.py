@@ -45,6 +45,7 @@ __all__ = [
     "BATCH_SIZE",
     "MAX_RERANK",
     "MAX_SECONDS",
+    "MAX_TOTAL_SECONDS",
     "VOCODERS",
     "AudioOptions",
     "Sound",
@@ -62,6 +63,9 @@ __all__ = [
 BATCH_SIZE = 8  # sounds per sampling batch (the default of --batch-size)
 MAX_SECONDS = 60.0  # one sound's length bound: attention and the vocoder grow with it
 MAX_RERANK = 32  # candidates per output: each costs a whole sampling
+#: Sound one call samples, candidates included: its noise, mels and waves are held at once
+#: (an hour: ~60 MB of noise, ~230 MB of waves).
+MAX_TOTAL_SECONDS = 3600.0
 VOCODERS = ("griffin-lim", "neural")
 _CROSSFADE_SECONDS = 0.01
 
@@ -280,6 +284,13 @@ def generate_sounds(
     seconds = resolved_seconds(config, opts, init_seconds)
     vocoder = select_vocoder(model, opts.get("vocoder"))
     rerank = int(opts.get("rerank") or 1)
+    total = len(request.repeated) * rerank * seconds
+    if total > MAX_TOTAL_SECONDS:
+        raise RequestError(
+            "num",
+            f"{len(request.repeated)} sound(s) x {rerank} candidate(s) x {seconds:g} s is more "
+            f"than {MAX_TOTAL_SECONDS:g} s of sound in one call; split the request",
+        )
     embedder = None
     if rerank > 1:
         clap_path = opts.get("clap") or config.get("clap")
