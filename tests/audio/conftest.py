@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from polydiff.audio.recipe import AudioRecipe
-from tests.modality_fixtures import offline, one_thread  # noqa: F401 (autouse)
+from tests.modality_fixtures import jitter, offline, one_thread  # noqa: F401 (autouse)
 
 # Half-second sounds: 32 frames, 8 tokens of 4 frames, one block.
 TINY: dict[str, Any] = {
@@ -25,14 +25,6 @@ TINY_VOCODER: dict[str, Any] = {
     "gan": {"segment_seconds": 0.1, "dim": 16, "intermediate": 32, "layers": 1,
             "periods": [2, 3], "discriminator_channels": 4},
 }  # fmt: skip
-
-
-def _jitter(model: torch.nn.Module) -> None:
-    # Nonzero adaLN/final layers, so an untrained model's output depends on its inputs.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +50,7 @@ def tiny_checkpoint(tmp_path_factory, tiny_vocoder_checkpoint) -> Path:
     )
     torch.manual_seed(0)
     model = recipe.build_model()
-    _jitter(model)
+    jitter(model)
     folder = tmp_path_factory.mktemp("audio") / "final"
     write_final(model, folder, "audio", recipe.config)
     return folder

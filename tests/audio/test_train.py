@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import soundfile as sf
 import torch
-import yaml
 
 from polydiff.cli.main import main
 from polydiff.core.pretrained import from_pretrained
@@ -23,6 +21,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from tests.core.test_train import kill_after_checkpoint  # noqa: E402
 from tests.core.test_train_kit import launched, repeatable  # noqa: E402
+from tests.modality_fixtures import metric_rows, preset  # noqa: E402
 
 TIMING = {"samples_per_s", "data_wait_fraction", "time"}
 
@@ -38,31 +37,15 @@ def sound_shards(tmp_path_factory) -> Path:
     return shards
 
 
-def _preset(name: str, folder: Path, shards: Path, **changes: Any) -> Path:
-    config = yaml.safe_load((REPO / "shared/configs/audio" / name).read_text())
-    config["deepspeed"] = str(REPO / "shared/configs/deepspeed" / Path(config["deepspeed"]).name)
-    config["data"]["shards"] = str(shards)
-    for section, values in changes.items():
-        config[section].update(values)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def _rows(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_tiny_presets_train_vocoder_then_denoiser_on_two_processes_and_generate_wav(
     sound_shards, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: threads only contend
     vocoder_run = tmp_path / "vocoder"
-    config = _preset("tiny-vocoder.yaml", tmp_path, sound_shards)
+    config = preset("audio", "tiny-vocoder.yaml", tmp_path, sound_shards)
     assert main(["train", "--config", str(config), "--out", str(vocoder_run),
                  "--num-procs", "2"]) == 0  # fmt: skip
-    rows = _rows(vocoder_run)
+    rows = metric_rows(vocoder_run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # two parts, each with its named loss terms
     assert {"discriminator/disc_mpd", "generator/mel", "generator/adversarial"} <= set(rows[0])
@@ -74,10 +57,10 @@ def test_tiny_presets_train_vocoder_then_denoiser_on_two_processes_and_generate_
     assert final["class"] == "polydiff.audio.vocoder:NeuralVocoder"  # final/ is the generator
 
     run = tmp_path / "denoiser"
-    config = _preset("tiny.yaml", tmp_path, sound_shards,
+    config = preset("audio", "tiny.yaml", tmp_path, sound_shards,
                      model={"vocoder": str(vocoder_run / "final")})  # fmt: skip
     assert main(["train", "--config", str(config), "--out", str(run), "--num-procs", "2"]) == 0
-    rows = _rows(run)
+    rows = metric_rows(run)
     assert rows[-1]["samples"] == 4 * 2 * 2  # steps x batch x processes
     assert (run / "previews" / "step_000004" / "previews.wav").is_file()
     weights = from_pretrained(run / "final")
@@ -105,7 +88,7 @@ def test_tiny_presets_train_vocoder_then_denoiser_on_two_processes_and_generate_
 def test_killed_vocoder_run_resumes_exactly_with_both_optimizers(sound_shards, tmp_path):
     train = {"max_steps": 8, "decay_steps": 8, "checkpoint_every": 2, "keep_checkpoints": 0,
              "preview_every": 0}  # fmt: skip
-    config = _preset("tiny-vocoder.yaml", tmp_path, sound_shards, train=train)
+    config = preset("audio", "tiny-vocoder.yaml", tmp_path, sound_shards, train=train)
     whole = launched(config, tmp_path / "whole", num_procs=1)
 
     run = tmp_path / "killed"

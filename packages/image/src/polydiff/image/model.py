@@ -27,7 +27,7 @@ from polydiff.core.blocks import (
     patchify_2d,
     unpatchify_2d,
 )
-from polydiff.core.modality.codec import frozen_codec
+from polydiff.core.modality.codec import frozen_codec, track_latent_std
 from polydiff.core.pretrained import Configurable, class_path
 
 __all__ = ["KLAutoencoder", "LatentDiT", "PixelDiT", "PixelUNet"]
@@ -296,11 +296,7 @@ class KLAutoencoder(Configurable, nn.Module):
     @torch.no_grad()
     def track_latent_std(self, mean: Tensor) -> None:
         """Fold a batch of latent means into ``latent_std`` (running average, then EMA 0.99)."""
-        n = int(self.latent_std_updates)
-        momentum = min(0.99, n / (n + 1))  # the first update replaces the initial 1.0
-        std = mean.detach().float().std().clamp_min(1e-6)
-        self.latent_std.copy_(momentum * self.latent_std.float() + (1 - momentum) * std)
-        self.latent_std_updates.add_(1)
+        track_latent_std(self.latent_std, self.latent_std_updates, mean)
 
 
 class LatentDiT(Configurable, nn.Module):

@@ -21,6 +21,7 @@ from .codec import (
     encode_frames,
     frozen_codec,
     load_codec,
+    track_latent_std,
 )
 from .conditioning import (
     Conditioner,
@@ -88,4 +89,5 @@ __all__ = [
     "load_trained",
     "make_schedule",
     "model_params",
+    "track_latent_std",
 ]

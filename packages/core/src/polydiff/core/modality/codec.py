@@ -27,6 +27,7 @@ __all__ = [
     "encode_frames",
     "frozen_codec",
     "load_codec",
+    "track_latent_std",
 ]
 
 
@@ -86,6 +87,19 @@ def codec_record(codec: nn.Module) -> dict[str, Any]:
     """``{"autoencoder_class", "autoencoder"}``: the keywords with which a latent denoiser
     (``LatentDiT``, ``VideoDiT``) rebuilds ``codec`` through :func:`frozen_codec`."""
     return {"autoencoder_class": class_path(type(codec)), "autoencoder": dict(codec.config)}
+
+
+@torch.no_grad()
+def track_latent_std(latent_std: Tensor, updates: Tensor, mean: Tensor) -> None:
+    """Fold a batch of latent means into an autoencoder's ``latent_std`` buffer (its
+    ``latent_scale``), in place: a running average over the first updates, then an EMA with
+    momentum 0.99; ``updates`` (a long scalar buffer) counts them, so a resumed run
+    continues the same average."""
+    n = int(updates)
+    momentum = min(0.99, n / (n + 1))  # the first update replaces the initial 1.0
+    std = mean.detach().float().std().clamp_min(1e-6)
+    latent_std.copy_(momentum * latent_std.float() + (1 - momentum) * std)
+    updates.add_(1)
 
 
 @torch.no_grad()
