@@ -138,3 +138,10 @@ def test_class_conditioned_training_reads_the_label_of_a_sample():
              "caption": ["", ""]}  # fmt: skip
     loss = recipe.loss(model, batch, torch.Generator().manual_seed(0), "model")
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_training_previews_render_at_most_one_preview_of_shapes(tmp_path):
+    classes = [f"class {i}" for i in range(20)]  # more classes than a preview renders
+    recipe = ShapeRecipe.from_config({**TINY, "conditioning": "label", "classes": classes})
+    (path,) = recipe.preview(recipe.build_model().eval(), tmp_path, step=0)
+    assert path.name == "previews.png" and Image.open(path).size == (3 * 256, 16 * 256)

@@ -42,13 +42,20 @@ from polydiff.core.pretrained import CheckpointError
 
 from . import data, synthetic
 from .config import ShapeConfig
-from .export import SHAPE_OUTPUT_SUFFIXES, Shape, render_preview, save_shapes
+from .export import (
+    MAX_PREVIEW_SHAPES,
+    SHAPE_OUTPUT_SUFFIXES,
+    Shape,
+    render_preview,
+    save_shapes,
+)
 from .model import LatentShapeDenoiser, PointAutoencoder, PointDenoiser, autoencoder_loss
 from .pipeline import (
     check_shape_options,
     check_shape_request,
     conditioner_for,
     generate_shapes,
+    latent_mesh,
     resolved_points,
     sample_shapes,
 )
@@ -202,7 +209,8 @@ class ShapeRecipe(Modality):
                 shapes = self._reconstructions(net, step)
                 path = out / "reconstructions.png"
             else:
-                prompts = list(self.config["classes"] or PREVIEW_PROMPTS)
+                # At most what one preview renders (a label set may have 40 classes).
+                prompts = list(self.config["classes"] or PREVIEW_PROMPTS)[:MAX_PREVIEW_SHAPES]
                 shapes = sample_shapes(net, self.config, prompts, seed=step)
                 path = out / "previews.png"
         return [render_preview(shapes, path, views=3)]
@@ -219,8 +227,6 @@ class ShapeRecipe(Modality):
         points = torch.stack(clouds).to(device=device, dtype=dtype)
         z = net.encode_latents(points)
         decoded = net.decode_latents(z, count=points.shape[1]).float().cpu().numpy()
-        from .pipeline import latent_mesh
-
         resolution = int(self.config["mesh_resolution"])
         shapes = []
         for real, cloud, code in zip(points.float().cpu().numpy(), decoded, z, strict=True):
