@@ -27,7 +27,16 @@ def test_the_bundled_point_model_makes_every_word_of_the_vocabulary():
     assert len(named) >= 10, f"named with their prompt: {named}"
 
 
-def test_the_bundled_latent_model_makes_a_closed_torus_mesh(tmp_path):
+def test_the_bundled_point_model_meshes_a_torus_as_one_closed_ring(tmp_path):
+    request = GenerationRequest.of(["a torus"], steps=15, seed=0, points=512)
+    (path,) = generate_files("shape", request, tmp_path / "torus.obj")
+    mesh = trimesh.load(path, force="mesh")
+    assert mesh.is_watertight and mesh.euler_number == 0  # closed, with its hole (genus 1)
+    extent = mesh.bounding_box.extents
+    assert extent[1] < 0.5 * min(extent[0], extent[2])  # lying flat, Y up
+
+
+def test_the_bundled_latent_model_makes_a_flat_torus_mesh(tmp_path):
     request = GenerationRequest.of(
         ["a torus"], checkpoint=BUNDLED / "latent", steps=15, seed=0, points=512
     )
