@@ -85,14 +85,15 @@ def test_tiny_autoencoder_then_latent_denoiser_train_and_generate_a_glb(
 
 
 def test_killed_autoencoder_run_resumes_exactly(primitive_shards, tmp_path):
-    train = {"max_steps": 6, "decay_steps": 6, "checkpoint_every": 2, "keep_checkpoints": 0,
+    # Enough steps that the kill lands mid-run: a tiny autoencoder step takes milliseconds.
+    train = {"max_steps": 24, "decay_steps": 24, "checkpoint_every": 2, "keep_checkpoints": 0,
              "preview_every": 0}  # fmt: skip
     config = preset("shape", "tiny-autoencoder.yaml", tmp_path, primitive_shards, train=train)
     whole = launched(config, tmp_path / "whole", num_procs=1)
 
     run = tmp_path / "killed"
     saved = kill_after_checkpoint(config, run, num_procs=1, delay=0.0, steps_after=1)
-    assert saved < 6
+    assert saved < 24
     launched(config, run, num_procs=1, resume=True)
     assert repeatable(run) == repeatable(whole)  # losses and their parts, fresh points alike
     a = from_pretrained(whole / "final").state_dict()
