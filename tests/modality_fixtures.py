@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-__all__ = ["jitter", "metric_rows", "offline", "one_thread", "preset"]
+__all__ = ["jitter", "made_shards", "metric_rows", "offline", "one_thread", "preset"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,6 +40,17 @@ def jitter(model: torch.nn.Module) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
+
+
+def made_shards(modality: str, source: str, out: Path, maxcount: int = 8) -> Path:
+    """``out`` filled by ``polydiff data make-shards`` (the CLI, as a user runs it) from
+    ``source`` (e.g. ``synthetic:sounds:32``), ``maxcount`` samples a shard."""
+    from polydiff.cli.main import main
+
+    command = ["data", "make-shards", "--modality", modality, "--source", source,
+               "--out", str(out), "--maxcount", str(maxcount)]  # fmt: skip
+    assert main(command) == 0
+    return out
 
 
 def preset(modality: str, name: str, folder: Path, shards: Path, **changes: Any) -> Path:

@@ -21,18 +21,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from tests.core.test_train import kill_after_checkpoint  # noqa: E402
 from tests.core.test_train_kit import launched, repeatable  # noqa: E402
-from tests.modality_fixtures import metric_rows, preset  # noqa: E402
+from tests.modality_fixtures import made_shards, metric_rows, preset  # noqa: E402
 
 TIMING = {"samples_per_s", "data_wait_fraction", "time"}
 
 
 @pytest.fixture(scope="module")
 def sound_shards(tmp_path_factory) -> Path:
-    shards = tmp_path_factory.mktemp("sounds") / "shards"
-    assert main([
-        "data", "make-shards", "--modality", "audio", "--source", "synthetic:sounds:32",
-        "--out", str(shards), "--maxcount", "8",
-    ]) == 0  # fmt: skip
+    shards = made_shards(
+        "audio", "synthetic:sounds:32", tmp_path_factory.mktemp("sounds") / "shards"
+    )
     assert len(list(shards.glob("*.tar"))) == 4
     return shards
 

@@ -20,16 +20,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from tests.core.test_train import kill_after_checkpoint  # noqa: E402
 from tests.core.test_train_kit import launched, repeatable  # noqa: E402
-from tests.modality_fixtures import metric_rows, preset  # noqa: E402
+from tests.modality_fixtures import made_shards, metric_rows, preset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def primitive_shards(tmp_path_factory) -> Path:
-    shards = tmp_path_factory.mktemp("primitives") / "shards"
-    assert main([
-        "data", "make-shards", "--modality", "shape", "--source", "synthetic:primitives:32",
-        "--out", str(shards), "--maxcount", "8",
-    ]) == 0  # fmt: skip
+    shards = made_shards(
+        "shape", "synthetic:primitives:32", tmp_path_factory.mktemp("primitives") / "shards"
+    )
     assert len(list(shards.glob("*.tar"))) == 4
     return shards
 

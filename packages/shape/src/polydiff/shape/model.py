@@ -56,11 +56,10 @@ FIELD_BOUND = 1.1
 class _SetDiT(nn.Module):
     """A DiT over an unordered token set (no positions), conditioned on text or a label."""
 
-    def __init__(self, width: int, dit: Mapping[str, Any], conditioning: str,
-                 context_dim: int | None, pooled_dim: int, num_classes: int,
-                 gradient_checkpointing: bool) -> None:  # fmt: skip
+    def __init__(self, width: int, dim: int, depth: int, heads: int, mlp_ratio: float,
+                 qk_norm: bool, conditioning: str, context_dim: int | None, pooled_dim: int,
+                 num_classes: int, gradient_checkpointing: bool) -> None:  # fmt: skip
         super().__init__()
-        dim = int(dit["dim"])
         self.label_embed = None
         if conditioning == "label":
             # Index num_classes is "no label": what CFG dropout trains and guidance uses.
@@ -70,11 +69,11 @@ class _SetDiT(nn.Module):
             width,
             width,
             dim,
-            int(dit["depth"]),
-            int(dit["heads"]),
-            mlp_ratio=float(dit["mlp_ratio"]),
+            depth,
+            heads,
+            mlp_ratio=mlp_ratio,
             context_dim=context_dim,
-            qk_norm=bool(dit["qk_norm"]),
+            qk_norm=qk_norm,
             rope_axes=0,
             cond_dim=pooled_dim,
             gradient_checkpointing=gradient_checkpointing,
@@ -102,10 +101,6 @@ class _SetDenoiser(nn.Module):
         return self.net(x, t, context, context_mask, pooled, label)
 
 
-def _dit_section(dim: int, depth: int, heads: int, mlp_ratio: float, qk_norm: bool) -> dict:
-    return {"dim": dim, "depth": depth, "heads": heads, "mlp_ratio": mlp_ratio, "qk_norm": qk_norm}
-
-
 class PointDenoiser(Configurable, _SetDenoiser):
     """Text- or label-conditioned denoiser of point clouds (see the module doc).
 
@@ -131,8 +126,8 @@ class PointDenoiser(Configurable, _SetDenoiser):
     ) -> None:
         super().__init__()
         self.net = _SetDiT(
-            3, _dit_section(dim, depth, heads, mlp_ratio, qk_norm), conditioning, context_dim,
-            pooled_dim, num_classes, gradient_checkpointing,
+            3, dim, depth, heads, mlp_ratio, qk_norm, conditioning, context_dim, pooled_dim,
+            num_classes, gradient_checkpointing,
         )  # fmt: skip
         self.register_buffer("point_std", torch.ones(()))
 
@@ -379,8 +374,8 @@ class LatentShapeDenoiser(Configurable, _SetDenoiser):
         )
         self.latent_shape = self.autoencoder.latent_shape((1, 3))
         self.net = _SetDiT(
-            self.latent_shape[1], _dit_section(dim, depth, heads, mlp_ratio, qk_norm),
-            conditioning, context_dim, pooled_dim, num_classes, gradient_checkpointing,
+            self.latent_shape[1], dim, depth, heads, mlp_ratio, qk_norm, conditioning,
+            context_dim, pooled_dim, num_classes, gradient_checkpointing,
         )  # fmt: skip
 
     def encode(self, points: Tensor) -> Tensor:

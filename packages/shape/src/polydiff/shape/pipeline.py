@@ -34,6 +34,7 @@ from polydiff.core.modality import (
     Sampling,
     TextConditioner,
     denoise,
+    model_params,
 )
 from polydiff.core.modality import generate as generate_request
 
@@ -136,7 +137,7 @@ def sample_shapes(
     latent = config["kind"] == "latent"
     shape = net.latent_shape if latent else (count, 3)
     x = denoise(net, config, conditioner, list(prompts), shape, options, generator=generator)
-    device, dtype = next(net.parameters()).device, next(net.parameters()).dtype
+    device, dtype = model_params(net)
     shapes = []
     for start in range(0, x.shape[0], options.batch_size):
         part = x[start : start + options.batch_size].to(device=device, dtype=dtype)

@@ -221,7 +221,7 @@ class ShapeRecipe(Modality):
         clouds = []
         for caption in PREVIEW_PROMPTS[:4]:
             sample = {"__key__": caption, **data.mesh_sample(synthetic.render(caption, rng))}
-            decoded = data.decode(sample, points=int(self.config["points"]), queries=16,
+            decoded = data.decode(sample, points=int(self.config["points"]), queries=0,
                                   normalize=self.config["normalize"], rng=rng)  # fmt: skip
             clouds.append(decoded["points"])
         points = torch.stack(clouds).to(device=device, dtype=dtype)
