@@ -34,6 +34,7 @@ from polydiff.core.modality import (
     Sampling,
     TextConditioner,
     denoise,
+    time_ranges,
 )
 from polydiff.core.modality import generate as generate_request
 
@@ -95,19 +96,7 @@ class AudioOptions(RequestOptions, total=False):
 # --- options ---------------------------------------------------------------------------------
 def parse_keep(text: str) -> list[tuple[float, float]]:
     """``"0:1.5"`` or ``"0:1.5,3:4"`` -> [(0.0, 1.5), (3.0, 4.0)] seconds (RequestError)."""
-    ranges = []
-    for part in str(text).split(","):
-        start, sep, stop = part.strip().partition(":")
-        try:
-            a, b = float(start), float(stop)
-        except ValueError:
-            a = b = math.nan
-        if not sep or not (math.isfinite(a) and math.isfinite(b)) or not 0 <= a < b:
-            raise RequestError(
-                "keep", f"keep {text!r}: expected START:STOP seconds with 0 <= START < STOP"
-            )
-        ranges.append((a, b))
-    return ranges
+    return time_ranges(text, "keep")
 
 
 def check_audio_options(options: Mapping[str, Any]) -> None:

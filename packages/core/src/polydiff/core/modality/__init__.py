@@ -52,6 +52,7 @@ from .generation import (
     denoise,
     generate,
     generate_files,
+    time_ranges,
 )
 
 __all__ = [
@@ -89,5 +90,6 @@ __all__ = [
     "load_trained",
     "make_schedule",
     "model_params",
+    "time_ranges",
     "track_latent_std",
 ]

@@ -45,6 +45,7 @@ __all__ = [
     "denoise",
     "generate",
     "generate_files",
+    "time_ranges",
 ]
 
 #: Guidance scales above this only saturate; the same limit for the CLI and the Python API.
@@ -117,6 +118,24 @@ def _check_sampling(steps: Any, sampler: Any, guidance: Any) -> None:
     ):
         limit = f"[0, {MAX_GUIDANCE:g}]"
         raise RequestError("guidance", f"guidance must be a number in {limit}, got {guidance!r}")
+
+
+def time_ranges(text: str, option: str = "keep") -> list[tuple[float, float]]:
+    """``"0:1.5"`` or ``"0:1.5,3:4"`` -> [(0.0, 1.5), (3.0, 4.0)] seconds: the ranges an
+    inpainting option keeps (RequestError naming ``option``)."""
+    ranges = []
+    for part in str(text).split(","):
+        start, sep, stop = part.strip().partition(":")
+        try:
+            a, b = float(start), float(stop)
+        except ValueError:
+            a = b = math.nan
+        if not sep or not (math.isfinite(a) and math.isfinite(b)) or not 0 <= a < b:
+            raise RequestError(
+                option, f"{option} {text!r}: expected START:STOP seconds with 0 <= START < STOP"
+            )
+        ranges.append((a, b))
+    return ranges
 
 
 def _positive_int(name: str, value: Any) -> None:
