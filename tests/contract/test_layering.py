@@ -32,6 +32,8 @@ def _loaded_after(module: str) -> set[str]:
         "polydiff.audio.recipe",
         "polydiff.shape.pipeline",
         "polydiff.shape.recipe",
+        "polydiff.motion.pipeline",
+        "polydiff.motion.recipe",
         "polydiff.cli.main",
     ],
 )
@@ -41,7 +43,7 @@ def test_inference_and_modalities_load_neither_the_trainer_nor_deepspeed(module)
     assert not {m for m in loaded if m.startswith("polydiff.core.train")}
 
 
-@pytest.mark.parametrize("modality", ["image", "video", "audio", "shape"])
+@pytest.mark.parametrize("modality", ["image", "video", "audio", "shape", "motion"])
 def test_a_pipeline_does_not_import_its_recipe(modality):
     assert f"polydiff.{modality}.recipe" not in _loaded_after(f"polydiff.{modality}.pipeline")
 
