@@ -58,6 +58,7 @@ from .features import (
     features_to_joints,
     joint_mask,
     joints_to_features,
+    root_trajectory,
 )
 from .skeleton import JOINT_NAMES, LOWER_BODY, NUM_JOINTS
 
@@ -283,11 +284,11 @@ def land_on_keyframes(
     """
     out = features.astype(np.float64).copy()
     src = source.astype(np.float64)
+    _, src_root = _root(src)
     for a, b in _stretches(~root_known):
         span = b - a
         out[a:b, 0] += (src[a:b, 0].sum() - out[a:b, 0].sum()) / span
         to_body, root = _root(out)
-        _, src_root = _root(src)
         missing = (src_root[b] - root[b])[[0, 2]]
         # Velocity stored at s moves the root into s + 1 in the body frame of s + 1.
         for s in range(a, b):
@@ -301,8 +302,6 @@ def land_on_keyframes(
 
 
 def _root(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from .features import root_trajectory
-
     to_body, root = root_trajectory(torch.from_numpy(features))
     return to_body.numpy(), root.numpy()
 
