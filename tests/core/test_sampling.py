@@ -17,7 +17,7 @@ from polydiff.core.predictions import PREDICTIONS
 from polydiff.core.sampling import make_grid
 
 MIXTURE = GaussianMixture.random(3, 2, seed=0, spread=1.0, std=(0.3, 0.6))
-DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc"]
+DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m", "exp_ab3", "unipc"]
 STOCHASTIC = ["ddpm", "euler_ancestral", "dpmpp_2m_sde", "lcm"]
 SCHEDULES = {
     "linear": schedules.linear(),
@@ -64,8 +64,17 @@ def observed_order(schedule, prediction, spacing, sampler, steps=(20, 40, 80, 16
 
 # DPM-Solver++(3M) is implemented exactly as the reference code and diffusers do (the tests
 # against diffusers hold it to 1e-5); that formula weights the second difference by half the
-# third-order Taylor coefficient, so its error shrinks at order 2 as steps grow.
-PROMISED_ORDER = {"ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 2, "dpmpp_3m": 2, "unipc": 3}
+# third-order Taylor coefficient, so its error shrinks at order 2 as steps grow. exp_ab3 is the
+# true third-order multistep (Lagrange interpolation of x0 in log-SNR, integrated exactly).
+PROMISED_ORDER = {
+    "ddim": 1,
+    "euler": 1,
+    "heun": 2,
+    "dpmpp_2m": 2,
+    "dpmpp_3m": 2,
+    "exp_ab3": 3,
+    "unipc": 3,
+}
 
 
 @pytest.mark.parametrize("family", ["vp_eps", "flow"])
@@ -89,6 +98,7 @@ def test_higher_order_samplers_beat_first_order_at_equal_evaluations():
 
     assert err("unipc") < err("dpmpp_2m") < err("ddim")
     assert err("dpmpp_3m") < err("dpmpp_2m")
+    assert err("exp_ab3") < err("dpmpp_3m")
 
 
 @pytest.mark.parametrize("schedule_name", list(SCHEDULES))
