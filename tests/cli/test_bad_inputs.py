@@ -46,6 +46,10 @@ def _generate_rows(modality: str, tmp: Path) -> list[tuple[list[str], str]]:
         (base + ["--out", out, "--device", "cuda:7"], "--device"),
         (base + ["--out", out, "--dtype", "float64"], "--dtype"),
         (base + ["--out", out, "--checkpoint", str(tmp / "nope")], "checkpoint folder not found"),
+        (base + ["--out", out, "--timesteps", "999,abc"], "--timesteps"),
+        (base + ["--out", out, "--timesteps", "100,500"], "--timesteps"),
+        (base + ["--out", out, "--timesteps", "999,-1"], "--timesteps"),
+        (base + ["--out", out, "--steps", "3", "--timesteps", "999,500"], "--steps"),
         (["generate", modality, "--out", out], "no prompt"),
         (base + ["--out", out, "--no-such-option", "1"], "unrecognized arguments"),
     ]
@@ -155,3 +159,48 @@ def test_make_shards_overwrites_only_when_asked_and_a_killed_run_is_not_data(tmp
     (out / INCOMPLETE_NAME).write_text("")  # what a killed make-shards leaves
     with pytest.raises(ValueError, match="incomplete"):
         expand_urls(out)
+
+
+@pytest.fixture(scope="module")
+def digits_like(tmp_path_factory) -> Path:
+    """An untrained tiny image checkpoint (a `polydiff train` final/ folder)."""
+    from polydiff.core.train.trainer import write_final
+    from polydiff.image.recipe import ImageRecipe
+
+    bound = ImageRecipe.from_config(ImageRecipe.example_config)
+    folder = tmp_path_factory.mktemp("ckpt") / "final"
+    write_final(bound.build_model(), folder, "image", bound.config)
+    return folder
+
+
+def test_bad_tune_steps_invocations_are_one_line(digits_like, tmp_path, capsys):
+    base = ["tune-steps", "--checkpoint", str(digits_like), "--prompt", "x"]
+    rows = [
+        (base + ["--sampler", "lcm", "--nfe", "4"], "cannot tune 'lcm'"),
+        (base + ["--sampler", "unipc", "--nfe", "0"], "--nfe"),
+        (base + ["--sampler", "unipc", "--nfe", "1000"], "--nfe"),
+        (base + ["--sampler", "unipc", "--nfe", "5", "--num", "100000"], "--num"),
+        (base + ["--sampler", "unipc", "--nfe", "5", "--teacher-steps", "5"], "--teacher-steps"),
+        (base + ["--sampler", "unipc", "--nfe", "5", "--guidance", "nan"], "--guidance"),
+        (["tune-steps", "--checkpoint", str(digits_like), "--sampler", "unipc", "--nfe", "5"],
+         "no prompt"),
+        (["tune-steps", "--checkpoint", str(tmp_path / "nope"), "--sampler", "unipc", "--nfe",
+          "5", "--prompt", "x"], "not a readable checkpoint config"),
+        (["tune-steps", "--sampler", "unipc", "--nfe", "5"], "--checkpoint"),
+    ]  # fmt: skip
+    before = sorted(p.name for p in digits_like.iterdir())
+    for args, message in rows:
+        _check(args, message, capsys, tmp_path)
+    assert sorted(p.name for p in digits_like.iterdir()) == before
+
+
+def test_a_corrupt_grids_file_is_refused_before_sampling(digits_like, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(digits_like, folder)
+    (folder / "grids.json").write_text("{broken")
+    out = tmp_path / "out"
+    out.mkdir()
+    _check(["generate", "image", "--prompt", "x", "--checkpoint", str(folder), "--out",
+            str(out / "x.png")], "grids.json: not a readable JSON file", capsys, out)  # fmt: skip

@@ -108,3 +108,23 @@ def test_a_bad_output_suffix_is_refused_before_anything_is_loaded(modality, tmp_
     with pytest.raises(ValueError, match="suffix"):
         generate_files(modality, request, tmp_path / "out.xyz")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_grid_tuned_to_the_checkpoint_is_what_generation_then_uses(modality, bound, model,
+                                                                     tmp_path):  # fmt: skip
+    from polydiff.core.modality import generate, tune_steps
+
+    folder = tmp_path / "final"
+    write_final(model, folder, modality.name, bound.config)
+    request = GenerationRequest(prompts=("one", "two"), seed=1, checkpoint=str(folder))
+    grid = tune_steps(request, "ddim", 2, teacher_steps=10, sweeps=1, evals=3)
+    assert (folder / "grids.json").is_file() and grid.steps == 2
+    assert grid.error <= grid.default_error and grid.context["modality"] == modality.name
+    tuned = generate(modality, GenerationRequest(prompts=("one",), sampler="ddim", steps=2,
+                                                 checkpoint=str(folder)))  # fmt: skip
+    record = tuned.metadata[0]
+    assert record["grid"] == "tuned" and record["timesteps"] == pytest.approx(grid.timesteps)
+    assert record["tuned_grid"]["default_error"] == grid.default_error
+    other = generate(modality, GenerationRequest(prompts=("one",), sampler="ddim", steps=3,
+                                                 checkpoint=str(folder)))  # fmt: skip
+    assert other.metadata[0]["grid"] == "default" and len(other.metadata[0]["timesteps"]) == 3

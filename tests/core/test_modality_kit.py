@@ -199,6 +199,11 @@ def test_a_negative_prompt_replaces_the_null_input(label_model):
         ({"dtype": "float64"}, "dtype"),
         ({"device": "tpu"}, "device"),
         ({"checkpoint": "/no/such/folder"}, "checkpoint"),
+        ({"timesteps": ()}, "timesteps"),
+        ({"timesteps": (100.0, 500.0)}, "timesteps"),
+        ({"timesteps": (999.0, math.inf)}, "timesteps"),
+        ({"timesteps": ("999", "1")}, "timesteps"),
+        ({"steps": 3, "timesteps": (999.0, 1.0)}, "steps"),
     ],
 )
 def test_bad_requests_are_refused_naming_the_option(change, option):
@@ -222,3 +227,42 @@ def test_schedules_are_shared():
     from polydiff.core.modality import make_schedule
 
     assert isinstance(make_schedule({**CONFIG, "schedule": "flow", "shift": 3.0}), schedules.Flow)
+
+
+def test_explicit_timesteps_are_the_grid_sampled_and_recorded(label_model):
+    request = GenerationRequest.of(["x"], timesteps=[900, 500.5, 120])
+    options = Sampling.resolve(CONFIG, request)
+    assert options.grid == "given" and options.steps == 3
+    assert options.record(CONFIG)["timesteps"] == [900.0, 500.5, 120.0]
+    conditioner = LabelConditioner(2)
+    with torch.no_grad():
+        given = denoise(label_model, CONFIG, conditioner, [0, 1], (1,), options,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+        default = denoise(label_model, CONFIG, conditioner, [0, 1], (1,),
+                          Sampling(steps=3, sampler="ddim", guidance=1.0),
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert not torch.allclose(given, default)
+    plain = Sampling.resolve(CONFIG, GenerationRequest.of(["x"], steps=3))
+    assert plain.record(CONFIG)["grid"] == "default"
+
+
+def test_timesteps_outside_the_schedule_are_refused_naming_the_option():
+    with pytest.raises(RequestError) as caught:
+        Sampling.resolve(CONFIG, GenerationRequest.of(["x"], timesteps=[5000.0, 10.0]))
+    assert caught.value.option == "timesteps"
+
+
+def test_capture_stops_generation_after_the_first_sampling_pass(label_model):
+    from polydiff.core.modality import capture_sampling
+
+    conditioner = LabelConditioner(2)
+    finished = []
+    with torch.no_grad(), capture_sampling() as captured:
+        denoise(label_model, CONFIG, conditioner, [0, 1, 1], (1,),
+                Sampling(steps=4, sampler="ddim", guidance=2.0, batch_size=2),
+                generator=torch.Generator().manual_seed(0))  # fmt: skip
+        finished.append(True)  # never reached: denoise raised inside the context
+    assert not finished
+    assert captured.final.shape == (3, 1)
+    assert len(captured.states) == len(captured.x0s) == 4
+    assert all(s.shape == (3, 1) for s in captured.states)

@@ -141,6 +141,9 @@ def generate_parser(modality: type) -> argparse.ArgumentParser:
     add("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     add("--dtype", default="float32", choices=tuple(DTYPES),
         help="precision of the model and the text encoder (default: float32)")  # fmt: skip
+    add("--timesteps", type=_timesteps, default=None, metavar="T1,T2,...",
+        help="the grid's model times, decreasing (default: a grid stored by tune-steps for "
+        "the sampler and steps, else the schedule's spacing)")  # fmt: skip
     for option in modality.generate_options:
         flag = f"--{option.name.replace('_', '-')}"
         if option.type is bool:  # a switch: given means True
@@ -151,6 +154,47 @@ def generate_parser(modality: type) -> argparse.ArgumentParser:
 
 
 _NOT_OPTIONS = ("prompts", "options", "progress")
+
+
+def _timesteps(text: str) -> tuple[float, ...]:
+    """``"999,700,400,100"`` -> (999.0, 700.0, 400.0, 100.0) (the request checks the rest)."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        message = f"expected comma-separated numbers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+# --------------------------------------------------------------------------- tune-steps
+
+
+def cmd_tune_steps(args: argparse.Namespace) -> int:
+    from polydiff.core.modality import GenerationRequest, RequestError, tune_steps
+
+    prompts = [p for p in (args.prompt or []) if p.strip()]
+    request = GenerationRequest.of(
+        prompts,
+        checkpoint=args.checkpoint,
+        num=args.num,
+        seed=args.seed,
+        guidance=args.guidance,
+        negative_prompt=args.negative_prompt,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    try:
+        grid = tune_steps(request, args.sampler, args.nfe, teacher_steps=args.teacher_steps)
+    except RequestError as e:
+        raise UsageError(f"--{e.option.replace('_', '-')}: {e}") from e
+    ratio = grid.error / grid.default_error if grid.default_error > 0 else float("nan")
+    times = ", ".join(f"{t:.1f}" for t in grid.timesteps)
+    print(
+        f"{grid.sampler} at NFE {grid.nfe}: error {grid.error:.3g} vs the default grid's "
+        f"{grid.default_error:.3g} ({ratio:.2f}x), tuning cost {grid.model_evaluations} "
+        f"model evaluations per sample\ntimesteps: {times}\n"
+        f"wrote {Path(args.checkpoint) / 'grids.json'}"
+    )
+    return 0
 
 
 def cmd_generate(argv: Sequence[str]) -> int:
@@ -217,6 +261,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "generate", help="polydiff generate MODALITY --prompt TEXT --out FILE", add_help=False
     )
+    tune = sub.add_parser(
+        "tune-steps",
+        help="tune a sampler's step grid to a checkpoint (stored beside its weights)",
+        description="Find the grid of --nfe model evaluations at which --sampler best matches "
+        "a many-step teacher from the same noise on your prompts, and store it in the "
+        "checkpoint folder (grids.json); generate uses it when sampler and steps match.",
+    )
+    tune.add_argument("--checkpoint", required=True, help="a trained model folder (final/)")
+    tune.add_argument("--sampler", required=True, help="a deterministic sampler (e.g. unipc)")
+    tune.add_argument("--nfe", required=True, type=int, help="model evaluations per sample")
+    tune.add_argument("--prompt", action="append", help="prompt to tune on (repeat for several)")
+    tune.add_argument("--num", type=int, default=4, help="outputs per prompt (default: 4)")
+    tune.add_argument("--seed", type=int, default=0, help="seeds the noise (default: 0)")
+    tune.add_argument("--guidance", type=float, default=None,
+                      help="CFG scale (default: the checkpoint's)")  # fmt: skip
+    tune.add_argument("--negative-prompt", default=None)
+    tune.add_argument("--teacher-steps", type=int, default=100,
+                      help="steps of the reference integration (default: 100)")  # fmt: skip
+    tune.add_argument("--device", default="cpu")
+    tune.add_argument("--dtype", default="float32")
     return parser
 
 
@@ -233,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "data":
             return cmd_make_shards(args)
+        if args.command == "tune-steps":
+            return cmd_tune_steps(args)
         return cmd_train(args)
     except (ValueError, OSError) as err:
         # UsageError, ConfigError, CheckpointError and unknown names are all ValueErrors.

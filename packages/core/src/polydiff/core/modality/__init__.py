@@ -9,6 +9,7 @@ network, its export and its metrics — and nothing else.
 - :mod:`.denoising`: schedule and loss from a denoising config.
 - :mod:`.generation`: the one generation path (CLI and Python API).
 - :mod:`.checkpoint`: loading trained checkpoints of a modality.
+- :mod:`.tuning`: step grids tuned to a checkpoint (``polydiff tune-steps``).
 
 Nothing here imports the trainer or DeepSpeed.
 """
@@ -48,12 +49,15 @@ from .generation import (
     Generated,
     RequestError,
     Sampling,
+    SamplingCaptured,
+    capture_sampling,
     check_request,
     denoise,
     generate,
     generate_files,
     time_ranges,
 )
+from .tuning import checkpoint_modality, tune_steps
 
 __all__ = [
     "DTYPES",
@@ -70,11 +74,14 @@ __all__ = [
     "RequestError",
     "RequestOptions",
     "Sampling",
+    "SamplingCaptured",
     "TextConditioner",
     "VectorConditioner",
     "available_modalities",
     "bundled_checkpoint",
+    "capture_sampling",
     "check_request",
+    "checkpoint_modality",
     "codec_record",
     "conditioned_batch",
     "decode_frames",
@@ -92,4 +99,5 @@ __all__ = [
     "model_params",
     "time_ranges",
     "track_latent_std",
+    "tune_steps",
 ]

@@ -32,6 +32,7 @@ hook                   what it is for                                           
 from __future__ import annotations
 
 import abc
+import contextlib
 import inspect
 import os
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
@@ -106,6 +107,7 @@ class RequestOptions(TypedDict, total=False):
     batch_size: int | None
     device: str
     dtype: str
+    timesteps: Sequence[float] | None
     progress: bool
 
 
@@ -114,8 +116,10 @@ class GenerationRequest:
     """What to generate, the same for every modality (CLI and Python API).
 
     ``None`` sampling options take the checkpoint's defaults (its model config's ``sampler``,
-    ``sample_steps``, ``guidance``). ``options`` holds the modality's own
-    :class:`GenerateOption` values by name.
+    ``sample_steps``, ``guidance``). ``timesteps`` gives the grid's model times explicitly
+    (decreasing; the sampler ends at sigma = 0); without it a grid stored by ``polydiff
+    tune-steps`` for the sampler and step count is used, else the schedule's default spacing.
+    ``options`` holds the modality's own :class:`GenerateOption` values by name.
     """
 
     prompts: tuple[str, ...]
@@ -129,6 +133,7 @@ class GenerationRequest:
     device: str = "cpu"
     dtype: str = "float32"
     checkpoint: str | None = None
+    timesteps: tuple[float, ...] | None = None
     progress: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -142,6 +147,9 @@ class GenerationRequest:
         own = {k: v for k, v in given.items() if k in names}
         if "checkpoint" in own:
             own["checkpoint"] = str(own["checkpoint"])
+        if "timesteps" in own and not isinstance(own["timesteps"], str):
+            with contextlib.suppress(TypeError):  # check_request names a bad value
+                own["timesteps"] = tuple(own["timesteps"])
         extra = {k: v for k, v in given.items() if k not in names}
         prompt_tuple = (prompts,) if isinstance(prompts, str) else tuple(prompts)
         return cls(prompts=prompt_tuple, options=extra, **own)

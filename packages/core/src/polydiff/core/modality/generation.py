@@ -10,6 +10,10 @@ Two layers:
   (before anything is loaded), load the checkpoint (bundled by default), call the modality's
   ``generate`` under inference mode, and (files) export every output with how it was made.
 
+The grid: ``request.timesteps`` when given, else a grid that ``polydiff tune-steps`` stored
+beside the checkpoint's weights for the sampler and step count (:mod:`polydiff.core.step_grids`),
+else the schedule's default spacing; every output records which (``grid``) and its model times.
+
 Same seed, same output: the starting noise of all outputs is drawn at once from ``seed`` on
 the CPU, so an output depends on its position in the request and the seed only, whatever the
 device or batch size (ancestral samplers also draw per step from the same generator, so for
@@ -18,9 +22,13 @@ them the batch size matters too).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import itertools
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from ..guidance import CFG
-from ..sampling import SAMPLERS, sample
+from ..sampling import SAMPLERS, make_grid, sample, timesteps
+from ..step_grids import TunedGrid, find_grid, read_grids
 from .conditioning import Conditioner
 from .contract import DTYPES, GenerationRequest, Modality, load_modality
 from .denoising import make_schedule, model_params
@@ -41,6 +50,8 @@ __all__ = [
     "Generated",
     "RequestError",
     "Sampling",
+    "SamplingCaptured",
+    "capture_sampling",
     "check_request",
     "denoise",
     "generate",
@@ -68,7 +79,12 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Sampling:
-    """Resolved sampling options of one generation (or preview)."""
+    """Resolved sampling options of one generation (or preview).
+
+    ``timesteps`` is the grid's model times (None: the schedule's default spacing for
+    ``steps``); ``grid`` says where it came from: ``default``, ``tuned`` (stored by
+    ``polydiff tune-steps``; ``tuned`` then holds its record) or ``given``.
+    """
 
     steps: int
     sampler: str
@@ -76,6 +92,9 @@ class Sampling:
     negative_prompt: str | None = None
     batch_size: int = 16
     progress: bool = False
+    timesteps: tuple[float, ...] | None = None
+    grid: str = "default"
+    tuned: TunedGrid | None = field(default=None, compare=False)
 
     @classmethod
     def resolve(
@@ -85,13 +104,28 @@ class Sampling:
         default_batch_size: int = 16,
     ) -> Sampling:
         """The request's options, ``None`` ones taken from the model config's defaults
-        (``sample_steps``, ``sampler``, ``guidance``)."""
+        (``sample_steps``, ``sampler``, ``guidance``), and the grid (see the module doc: the
+        stored grids are those of ``request.checkpoint``)."""
         if request is None:
             request = GenerationRequest(prompts=("",))
-        steps = int(config["sample_steps"]) if request.steps is None else request.steps
+        given = request.timesteps
+        steps = request.steps
+        if steps is None:
+            steps = len(given) if given else int(config["sample_steps"])
         sampler = str(config["sampler"]) if request.sampler is None else request.sampler
         guidance = float(config["guidance"]) if request.guidance is None else request.guidance
         _check_sampling(steps, sampler, guidance)
+        grid, chosen, tuned = "default", None, None
+        if given:
+            grid, chosen = "given", tuple(float(v) for v in given)
+            try:
+                make_grid(make_schedule(config), chosen)
+            except ValueError as e:
+                raise RequestError("timesteps", str(e)) from e
+        elif request.checkpoint is not None:
+            tuned = find_grid(stored_grids(request.checkpoint), sampler, steps)
+            if tuned is not None:
+                grid, chosen = "tuned", tuned.timesteps
         return cls(
             steps=steps,
             sampler=sampler,
@@ -99,7 +133,42 @@ class Sampling:
             negative_prompt=request.negative_prompt,
             batch_size=request.batch_size or default_batch_size,
             progress=request.progress,
+            timesteps=chosen,
+            grid=grid,
+            tuned=tuned,
         )
+
+    def record(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """How the grid was chosen, for an output's provenance: ``grid`` and the model times
+        (``timesteps``), with a tuned grid's method and errors (``tuned_grid``)."""
+        times = self.timesteps
+        if times is None:
+            times = tuple(timesteps(make_schedule(config), self.steps).tolist())
+        record: dict[str, Any] = {"grid": self.grid, "timesteps": [round(t, 6) for t in times]}
+        if self.tuned is not None:
+            record["tuned_grid"] = {
+                "method": self.tuned.method,
+                "error": self.tuned.error,
+                "default_error": self.tuned.default_error,
+                "teacher": dict(self.tuned.teacher),
+            }
+        return record
+
+
+def stored_grids(folder: str | Path) -> list[TunedGrid]:
+    """The tuned grids of a checkpoint folder (read once per file version; GridError if the
+    file is corrupt)."""
+    path = Path(folder) / "grids.json"
+    try:
+        stat = path.stat()
+    except OSError:
+        return []
+    return _read_grids_cached(str(path.parent.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_grids_cached(folder: str, mtime_ns: int, size: int) -> list[TunedGrid]:
+    return read_grids(folder)
 
 
 def _check_sampling(steps: Any, sampler: Any, guidance: Any) -> None:
@@ -136,6 +205,28 @@ def time_ranges(text: str, option: str = "keep") -> list[tuple[float, float]]:
             )
         ranges.append((a, b))
     return ranges
+
+
+def _check_timesteps(given: Any, steps: int | None) -> None:
+    """An explicit grid: 1 to MAX_STEPS finite model times, strictly decreasing, >= 0 (the
+    schedule's range is checked once the checkpoint is loaded)."""
+    if given is None:
+        return
+    values = list(given) if isinstance(given, list | tuple) else None
+    if (
+        not values
+        or len(values) > MAX_STEPS
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        or not all(math.isfinite(v) and v >= 0 for v in values)
+        or any(b >= a for a, b in itertools.pairwise(values))
+    ):
+        raise RequestError(
+            "timesteps",
+            f"timesteps must be 1 to {MAX_STEPS} finite model times >= 0, strictly "
+            f"decreasing, got {given!r}",
+        )
+    if steps is not None and steps != len(values):
+        raise RequestError("steps", f"steps {steps} but {len(values)} timesteps given")
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -182,6 +273,7 @@ def check_request(modality: type[Modality], request: GenerationRequest) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise RequestError("seed", f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
     _check_sampling(request.steps, request.sampler, request.guidance)
+    _check_timesteps(request.timesteps, request.steps)
     if request.dtype not in DTYPES:
         valid = ", ".join(DTYPES)
         raise RequestError("dtype", f"dtype {request.dtype!r} is not one of {valid}")
@@ -196,6 +288,45 @@ def check_request(modality: type[Modality], request: GenerationRequest) -> None:
         raise ValueError(f"unknown {modality.name} option(s) {', '.join(unknown)}; valid: {valid}")
     if request.checkpoint is not None and not Path(request.checkpoint).is_dir():
         raise RequestError("checkpoint", f"checkpoint folder not found: {request.checkpoint}")
+
+
+class SamplingCaptured(Exception):
+    """Raised by :func:`denoise` inside :func:`capture_sampling` once it has sampled: what
+    follows (decoding, export) is skipped."""
+
+
+@dataclass
+class Capture:
+    """What :func:`capture_sampling` recorded of the first :func:`denoise` call: the final
+    samples (N, *shape) and, per evaluated level, the sampler's state and x0 estimate."""
+
+    final: Tensor | None = None
+    states: list[Tensor] = field(default_factory=list)
+    x0s: list[Tensor] = field(default_factory=list)
+
+
+_CAPTURE: contextvars.ContextVar[Capture | None] = contextvars.ContextVar(
+    "polydiff_capture", default=None
+)
+
+
+@contextlib.contextmanager
+def capture_sampling() -> Iterator[Capture]:
+    """Run a modality's ``generate`` only as far as its first sampling pass, and record it.
+
+    Inside, the first :func:`denoise` call stores its samples in the model's space (and the
+    state and x0 estimate at every level) in the yielded :class:`Capture`, then raises
+    :class:`SamplingCaptured`, which this context swallows. ``polydiff tune-steps`` scores
+    grids this way for any modality, without decoding or exporting anything.
+    """
+    capture = Capture()
+    token = _CAPTURE.set(capture)
+    try:
+        yield capture
+    except SamplingCaptured:
+        pass
+    finally:
+        _CAPTURE.reset(token)
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
@@ -254,6 +385,9 @@ def denoise(
         )
     batch = max(1, options.batch_size)
     bar = _progress_bar(options.steps * math.ceil(count / batch), options.progress)
+    capture = _CAPTURE.get()
+    states: list[list[Tensor]] = []  # per batch, per level (only when capturing)
+    x0s: list[list[Tensor]] = []
     outputs = []
     try:
         for start in range(0, count, batch):
@@ -271,8 +405,15 @@ def denoise(
             if valid is not None:
                 kwargs["valid"] = valid[part].to(device=device)
 
-            def on_step(*_: Any) -> None:
+            if capture is not None:
+                states.append([])
+                x0s.append([])
+
+            def on_step(_i: int, _t: float, x: Tensor, x0: Tensor) -> None:
                 bar.update(1)
+                if capture is not None:
+                    states[-1].append(x.float().cpu())
+                    x0s[-1].append(x0.float().cpu())
 
             x = sample(
                 model,
@@ -287,6 +428,7 @@ def denoise(
                 init=None if init is None else init[part].to(device=device, dtype=dtype),
                 mask=None if mask is None else mask[part].to(device=device, dtype=dtype),
                 clip_x0=clip_x0,
+                timesteps=options.timesteps,
                 generator=generator,
                 callback=on_step,
                 **kwargs,
@@ -294,7 +436,13 @@ def denoise(
             outputs.append(x.float().cpu())
     finally:
         bar.close()
-    return torch.cat(outputs) if outputs else torch.zeros((0, *shape))
+    result = torch.cat(outputs) if outputs else torch.zeros((0, *shape))
+    if capture is not None:
+        capture.final = result
+        capture.states = [torch.cat(level) for level in zip(*states, strict=True)]
+        capture.x0s = [torch.cat(level) for level in zip(*x0s, strict=True)]
+        raise SamplingCaptured
+    return result
 
 
 @dataclass(frozen=True)
@@ -330,12 +478,16 @@ def _generate_checked(cls: type[Modality], request: GenerationRequest) -> Genera
     from .checkpoint import bundled_checkpoint, load_trained
 
     folder = bundled_checkpoint(cls) if request.checkpoint is None else Path(request.checkpoint)
+    # The modality resolves its sampling options from the request: name the folder there so
+    # the grids stored beside its weights are found (and a corrupt grids file is refused now).
+    request = replace(request, checkpoint=str(folder))
+    stored_grids(folder)
     model, bound = load_trained(folder, cls, request.device, request.torch_dtype)
     bound.check_request(request)
+    options = Sampling.resolve(bound.config, request)
     with torch.inference_mode():
         outputs = list(bound.generate(model, request))
-    options = Sampling.resolve(bound.config, request)
-    resolved = {**request.options, **bound.output_metadata(request)}
+    resolved = {**request.options, **bound.output_metadata(request), **options.record(bound.config)}
     extras = {k: v for k, v in resolved.items() if v is not None}
     metadata = [
         provenance(
