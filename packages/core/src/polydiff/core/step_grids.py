@@ -295,6 +295,9 @@ _STARTS: tuple[tuple[str, float | None], ...] = (
     ("flow_shift", 0.3),
     ("flow_shift", 0.5),
     ("flow_shift", 0.7),
+    ("flow_shift", 1.0),
+    ("flow_shift", 2.0),
+    ("flow_shift", 3.0),
 )
 
 
