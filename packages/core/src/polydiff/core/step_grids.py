@@ -95,7 +95,8 @@ class TunedGrid:
         sampler, steps: what it is for (``nfe`` evaluations).
         timesteps: the ``steps`` model times, decreasing (the sampler ends at sigma = 0).
         error: relative error ||x - x_teacher|| / ||x_teacher|| of the sampler on this grid on
-            the tuning noise; ``default_error`` the same for the schedule's default grid.
+            the tuning noise; ``default_error`` the same for the schedule's default grid (None:
+            not measured, e.g. the grid a consistency student was distilled on).
         model_evaluations: what tuning cost, counted per sample (teacher included).
         method: how it was found; ``teacher``: the reference (sampler, steps, spacing);
             ``context``: what it was tuned on (prompts, guidance, outputs, seed...).
@@ -104,8 +105,8 @@ class TunedGrid:
     sampler: str
     steps: int
     timesteps: tuple[float, ...]
-    error: float
-    default_error: float
+    error: float | None
+    default_error: float | None
     model_evaluations: int
     method: str = "gits-dp+refine"
     teacher: Mapping[str, Any] = field(default_factory=dict)
@@ -129,8 +130,8 @@ class TunedGrid:
                 sampler=str(record["sampler"]),
                 steps=int(record["steps"]),
                 timesteps=tuple(float(v) for v in record["timesteps"]),
-                error=float(record["error"]),
-                default_error=float(record["default_error"]),
+                error=_optional_float(record["error"]),
+                default_error=_optional_float(record["default_error"]),
                 model_evaluations=int(record["model_evaluations"]),
                 method=str(record.get("method", "")),
                 teacher=dict(record.get("teacher", {})),
@@ -148,6 +149,10 @@ class TunedGrid:
         ):
             raise ValueError(f"timesteps must be finite, >= 0, strictly decreasing: {values}")
         return grid
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 # --------------------------------------------------------------------------- tuning

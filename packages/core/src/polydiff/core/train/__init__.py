@@ -4,7 +4,8 @@ A modality plugs in as a :class:`polydiff.core.modality.Modality` (found by entr
 :func:`load_modality`). ``launch(config, ...)`` checks a YAML config and runs
 ``python -m polydiff.core.train.worker`` under the ``deepspeed`` launcher; each process runs
 :func:`polydiff.core.train.trainer.train`. DeepSpeed itself is imported only inside the
-processes (and by ``trainer``).
+processes (and by ``trainer``). A config with a ``distill:`` section distils a trained
+checkpoint into a few-step student (:mod:`polydiff.core.train.distill`).
 """
 
 from polydiff.core.modality.contract import (
@@ -14,7 +15,15 @@ from polydiff.core.modality.contract import (
     load_modality,
 )
 
-from .config import ConfigError, DataConfig, OptimConfig, RunError, TrainConfig, load_config
+from .config import (
+    ConfigError,
+    DataConfig,
+    DistillConfig,
+    OptimConfig,
+    RunError,
+    TrainConfig,
+    load_config,
+)
 from .launch import build_command, launch
 from .metrics import plot_metrics
 from .recipe import Recipe, load_recipe  # the trainer's names for Modality, load_modality
@@ -23,6 +32,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "ConfigError",
     "DataConfig",
+    "DistillConfig",
     "Modality",
     "OptimConfig",
     "Recipe",

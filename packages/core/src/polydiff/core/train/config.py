@@ -8,6 +8,17 @@ A config has five top-level sections (see ``KEYS`` below for every key and its d
     train: {max_steps: 2000, batch_size: 32, lr: 3.0e-4, ...}
     deepspeed: shared/configs/deepspeed/zero2_bf16.json   # a JSON file or an inline mapping
 
+and optionally a sixth, ``distill:`` (:class:`DistillConfig`), which makes the run a
+consistency distillation of a trained checkpoint of ``modality`` (see
+:mod:`polydiff.core.train.distill`)::
+
+    distill: {teacher: bundled, guidance: 3.0, ode_steps: 40, lora_rank: 0}
+
+``model:`` is then optional: the teacher's recorded model config, with the keys given in
+``model:`` laid over it (mappings merged key by key), is the student's. The teacher folder is
+read here: a missing folder or file, a config.json without a model config, a model of another
+modality than ``modality:`` or no denoiser is a ConfigError naming ``distill.teacher``.
+
 A missing required key, an unknown key or a value out of range raises :class:`ConfigError`
 naming the key as a dotted path (``train.batch_size``). The YAML is the one source of truth
 for the batch: the DeepSpeed JSON must leave ``train_micro_batch_size_per_gpu``,
@@ -50,10 +61,12 @@ from ..modality.schema import Issue, ModelSchema, Problem, describe, known_keys
 
 __all__ = [
     "DECAYS",
+    "DISTANCES",
     "KEYS",
     "PART_KEYS",
     "ConfigError",
     "DataConfig",
+    "DistillConfig",
     "OptimConfig",
     "RunError",
     "TrainConfig",
@@ -72,8 +85,8 @@ class RunError(ValueError):
 DECAYS: tuple[str, ...] = ("cosine", "linear", "constant")
 _REQUIRED = object()  # marks a key without a default (in KEYS)
 
-_TOP_KEYS = ("modality", "model", "data", "train", "deepspeed")
-_REQUIRED_TOP = ("modality", "model", "train", "deepspeed")
+_TOP_KEYS = ("modality", "model", "data", "train", "deepspeed", "distill")
+_REQUIRED_TOP = ("modality", "model", "train", "deepspeed")  # a distillation: model optional
 # DeepSpeed keys the YAML owns, with the train key that sets them.
 _BATCH_KEYS = {
     "train_micro_batch_size_per_gpu": "train.batch_size",
@@ -342,6 +355,61 @@ class OptimConfig(_Section):
         return dataclasses.replace(self, parts={}, **self.parts.get(name, {}))
 
 
+#: ``distill.distance``: how the student's x0 estimate is compared with its target.
+DISTANCES: tuple[str, ...] = ("pseudo_huber", "mse")
+#: The model config keys a denoiser teacher records (what ``distill`` needs of it).
+_DENOISER_KEYS = ("schedule", "shift", "prediction", "sampler", "sample_steps", "guidance")
+_MAX_GUIDANCE = 50.0  # as generation's MAX_GUIDANCE (which the trainer does not import)
+
+_DISTILL_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "guidance": (f"in [0, {_MAX_GUIDANCE:g}]", lambda v: v is None or 0 <= v <= _MAX_GUIDANCE),
+    "ode_steps": (">= 1", lambda v: v >= 1),
+    "distance": (f"one of {', '.join(DISTANCES)}", lambda v: v in DISTANCES),
+    "huber_c": ("> 0", lambda v: v > 0),
+    "lora_rank": (">= 0 (0: train every weight)", lambda v: v >= 0),
+    "lora_alpha": ("> 0", lambda v: v is None or v > 0),
+    "sample_steps": (">= 1", lambda v: v >= 1),
+}
+
+
+@dataclass(frozen=True, config=_SECTION_CONFIG)
+class DistillConfig:
+    """The ``distill:`` section: consistency distillation of a trained denoiser (LCM).
+
+    After :func:`load_config`, ``teacher`` is the resolved absolute folder and ``guidance``
+    the scale actually folded in (the teacher's recorded one when the YAML leaves it out).
+    """
+
+    teacher: Annotated[
+        Str, _doc("the teacher's final/ folder, or `bundled`: the modality's bundled model")
+    ]
+    guidance: Annotated[
+        Float | None, _doc("CFG scale folded into the student (null: the teacher's)")
+    ] = None
+    ode_steps: Annotated[
+        Int, _doc("teacher ODE intervals over the sampler's grid (40 holds 1/2/4/8 steps)")
+    ] = 40
+    distance: Annotated[Str, _doc("pseudo_huber or mse between x0 estimates")] = "pseudo_huber"
+    huber_c: Annotated[Float, _doc("pseudo-Huber c, per element (iCT's 0.00054)")] = 0.00054
+    lora_rank: Annotated[Int, _doc("rank of LoRA adapters on a frozen base (0: full)")] = 0
+    lora_alpha: Annotated[Float | None, _doc("LoRA scale alpha / rank (null: rank)")] = None
+    sample_steps: Annotated[Int, _doc("the lcm steps final/ records as its default")] = 4
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            known_keys(data, cls.__dataclass_fields__)
+        return data
+
+    @model_validator(mode="after")
+    def _in_range(self) -> DistillConfig:
+        for key, (what, ok) in _DISTILL_RULES.items():
+            if not ok(getattr(self, key)):
+                raise Problem(f"must be {what}, got {getattr(self, key)!r}", key)
+        return self
+
+
 def _keys(cls: type) -> dict[str, tuple[Any, str]]:
     """Every field of a section dataclass: (default or ``_REQUIRED``, meaning)."""
     out: dict[str, tuple[Any, str]] = {}
@@ -361,8 +429,13 @@ def _keys(cls: type) -> dict[str, tuple[Any, str]]:
 KEYS: dict[str, dict[str, tuple[Any, str]]] = {
     "data": _keys(DataConfig),
     "train": _keys(OptimConfig),
+    "distill": _keys(DistillConfig),
 }
-_SECTIONS = {"data": pydantic.TypeAdapter(DataConfig), "train": pydantic.TypeAdapter(OptimConfig)}
+_SECTIONS = {
+    "data": pydantic.TypeAdapter(DataConfig),
+    "train": pydantic.TypeAdapter(OptimConfig),
+    "distill": pydantic.TypeAdapter(DistillConfig),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,6 +445,8 @@ class TrainConfig:
     ``model`` is the modality-validated model config (defaults filled in). ``deepspeed`` is
     the DeepSpeed JSON as written (batch fields absent); ``deepspeed_source`` is its path, or
     ``"inline"``. ``path`` is the YAML file this came from (None when built from a dict).
+    ``distill`` is set for a distillation run (``model`` is then the student's config: the
+    teacher's with the YAML's ``model:`` keys over it).
     """
 
     modality: str
@@ -381,6 +456,7 @@ class TrainConfig:
     deepspeed: dict[str, Any]
     deepspeed_source: str = "inline"
     path: Path | None = None
+    distill: DistillConfig | None = None
 
     @property
     def out_dir(self) -> Path:
@@ -425,7 +501,7 @@ class TrainConfig:
             name: {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
             for name, settings in self.train.parts.items()
         }
-        return {
+        record = {
             "modality": self.modality,
             "model": self.model,
             "data": dataclasses.asdict(self.data),
@@ -433,6 +509,9 @@ class TrainConfig:
             "deepspeed": self.deepspeed_config(),
             "deepspeed_source": self.deepspeed_source,
         }
+        if self.distill is not None:
+            record["distill"] = dataclasses.asdict(self.distill)
+        return record
 
 
 def load_config(
@@ -475,16 +554,23 @@ def load_config(
         if value is not None:
             _apply_override(raw, key, value, where)
 
-    _check_keys(raw, _TOP_KEYS, _REQUIRED_TOP, "", where)
+    distilling = raw.get("distill") is not None
+    required = tuple(k for k in _REQUIRED_TOP if not (distilling and k == "model"))
+    _check_keys(raw, _TOP_KEYS, required, "", where)
     modality = raw["modality"]
     if not isinstance(modality, str) or not modality:
         raise ConfigError(f"modality{where} must be a recipe name or 'module:Class'")
     data = _section(raw, "data", where)
     train = _section(raw, "train", where)
 
-    model = raw["model"] if raw["model"] is not None else {}
+    model = raw.get("model") if raw.get("model") is not None else {}
     if not isinstance(model, dict):
         raise ConfigError(f"model{where} must be a mapping (the recipe's model config)")
+    distill: DistillConfig | None = None
+    if distilling:
+        distill = _section(raw, "distill", where)
+        distill, teacher_model = _read_teacher(distill, modality, source, where)
+        model = _merged(teacher_model, model)
     if train.gradient_checkpointing is not None:
         model = {**model, "gradient_checkpointing": train.gradient_checkpointing}
     if validate_model:
@@ -500,6 +586,7 @@ def load_config(
         deepspeed=ds,
         deepspeed_source=ds_source,
         path=source,
+        distill=distill,
     )
 
 
@@ -577,6 +664,83 @@ def _line(issue: Issue, where: str) -> str:
     if issue.missing:
         return f"missing config key {issue.key}{where}"
     return f"{issue.key}{where} {issue.problem}"
+
+
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` laid onto ``base``: mappings merged key by key, anything else replaced."""
+    out = copy.deepcopy(dict(base))
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _teacher_folder(spec: str, modality: str, config_path: Path | None, where: str) -> Path:
+    """``bundled`` (the modality's bundled checkpoint) or a folder: absolute, relative to the
+    YAML's folder or one of its parents, or to the working directory."""
+    if spec == "bundled":
+        from ..modality.checkpoint import bundled_checkpoint
+
+        try:
+            return bundled_checkpoint(load_modality(modality)).resolve()
+        except (ValueError, TypeError, ImportError, AttributeError) as e:
+            raise ConfigError(f"modality{where}: {e}") from e
+        except FileNotFoundError as e:
+            raise ConfigError(f"distill.teacher{where}: {e}") from e
+    given = Path(spec).expanduser()
+    candidates = [given] if given.is_absolute() else [Path.cwd() / given]
+    if not given.is_absolute() and config_path is not None:
+        folder = config_path.resolve().parent
+        candidates += [base / given for base in (folder, *folder.parents)]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise ConfigError(
+        f"distill.teacher{where}: no checkpoint folder {spec!r} (looked at "
+        + ", ".join(str(c) for c in candidates[:3])
+        + (" ..." if len(candidates) > 3 else "")
+        + "); give a `polydiff train` final/ folder or `bundled`"
+    )
+
+
+def _read_teacher(
+    distill: DistillConfig, modality: str, config_path: Path | None, where: str
+) -> tuple[DistillConfig, dict[str, Any]]:
+    """The section with the teacher folder resolved and its guidance filled in, and the
+    teacher's recorded model config; ConfigError naming distill.teacher for anything that
+    is not a trained denoiser of ``modality``."""
+    from ..pretrained import CONFIG_NAME, WEIGHTS_NAME
+
+    folder = _teacher_folder(distill.teacher, modality, config_path, where)
+    key = f"distill.teacher{where}"
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise ConfigError(f"{key}: {folder} has no {name} (is it a final/ folder?)")
+    try:
+        record = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}: {folder / CONFIG_NAME} is not valid JSON ({e})") from e
+    if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
+        raise ConfigError(
+            f"{key}: {folder / CONFIG_NAME} records no model config (a `polydiff train` "
+            "final/ folder has one)"
+        )
+    if record.get("modality") != modality:
+        raise ConfigError(
+            f"{key}: {folder} holds a {record.get('modality')!r} model, but modality is "
+            f"{modality!r}"
+        )
+    teacher_model = record["model"]
+    absent = [k for k in _DENOISER_KEYS if k not in teacher_model]
+    if absent:
+        raise ConfigError(
+            f"{key}: {folder} is no denoiser (its model config lacks {', '.join(absent)})"
+        )
+    guidance = teacher_model["guidance"] if distill.guidance is None else distill.guidance
+    resolved = dataclasses.replace(distill, teacher=str(folder), guidance=float(guidance))
+    return resolved, teacher_model
 
 
 def _validate_model(modality: str, model: dict[str, Any], gc_set: bool, where: str) -> dict:
@@ -662,7 +826,10 @@ def schema_table() -> str:
     """The ``data``/``train`` keys as a markdown table (for docs): key, default, meaning."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     rows.append("| `modality` | required | recipe name (entry point) or `module:Class` |")
-    rows.append("| `model` | required | the recipe's model config (the recipe validates it) |")
+    rows.append(
+        "| `model` | required (a distillation: the teacher's) | the recipe's model config "
+        "(the recipe validates it) |"
+    )
     for section, spec in KEYS.items():
         for key, (default, meaning) in spec.items():
             shown = "required" if default is _REQUIRED else f"`{json.dumps(default)}`"

@@ -52,14 +52,17 @@ from torch import nn
 
 from polydiff.core.ema import EMA
 from polydiff.core.modality.contract import Modality, load_modality
+from polydiff.core.modality.denoising import make_schedule
 from polydiff.core.pretrained import CONFIG_NAME, fsync_path, save_pretrained
+from polydiff.core.step_grids import write_grid
 
 from .checkpoints import TMP_PREFIX, TRASH_PREFIX, Checkpoints, write_atomic
 from .config import ConfigError, OptimConfig, RunError, TrainConfig
+from .distill import Distillation, lcm_grids
 from .metrics import Metrics, TensorBoard, Window, log_record, plot
 from .parts import PLAIN, PartStep, ema_module, fit_statistics, model_parts, set_trainable
 
-__all__ = ["RunError", "existing_run", "lr_at", "train", "write_final"]
+__all__ = ["RunError", "bind_recipe", "existing_run", "lr_at", "train", "write_final"]
 
 
 # --- learning rate ----------------------------------------------------------------------------
@@ -176,18 +179,25 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 # --- final model ------------------------------------------------------------------------------
 
 
-def write_final(model: nn.Module, folder: Path, modality: str, model_cfg: dict[str, Any]) -> Path:
+def write_final(
+    model: nn.Module,
+    folder: Path,
+    modality: str,
+    model_cfg: dict[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """``save_pretrained(model)`` into ``folder``, with ``modality`` and ``model`` (the recipe's
     model config) added to ``config.json`` so ``polydiff generate`` can rebuild it via the
-    recipe. Built next to ``folder`` and renamed into place: the old or new one is complete;
-    what a killed earlier write left beside it (``.final.tmp-PID``) is removed."""
+    recipe, and ``extra`` (top-level keys loading ignores, e.g. how a model was distilled).
+    Built next to ``folder`` and renamed into place: the old or new one is complete; what a
+    killed earlier write left beside it (``.final.tmp-PID``) is removed."""
     for leftover in folder.parent.glob(f".{folder.name}.*-*"):
         if leftover.name.rpartition("-")[0] in (f".{folder.name}.tmp", f".{folder.name}.old"):
             shutil.rmtree(leftover, ignore_errors=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     save_pretrained(model, tmp)
     record = json.loads((tmp / CONFIG_NAME).read_text(encoding="utf-8"))
-    record.update({"modality": modality, "model": model_cfg})
+    record.update({**(extra or {}), "modality": modality, "model": model_cfg})
     write_atomic(tmp / CONFIG_NAME, json.dumps(record, indent=2, sort_keys=True) + "\n")
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -229,7 +239,7 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False) -> Path:
     metrics = Metrics(out / "metrics.jsonl")
     _refuse_other_run(out, resume, main)
 
-    recipe = load_modality(cfg.modality)(cfg.model)
+    recipe = bind_recipe(cfg)
     if cfg.data.num_workers > 0:
         _check_picklable(recipe)
     _seed_all(t.seed)  # the same initial weights on every rank
@@ -472,13 +482,27 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False) -> Path:
     if main:
         final_model = ema_module(recipe, recipe.build_model())
         ema.copy_to(final_model)
-        write_final(final_model, final, cfg.modality, cfg.model)
+        model_cfg, extra = cfg.model, None
+        if isinstance(recipe, Distillation):  # LoRA merged; lcm defaults; how it was made
+            final_model, model_cfg, extra = recipe.final(final_model)
+        write_final(final_model, final, cfg.modality, model_cfg, extra)
+        if isinstance(recipe, Distillation):  # the lcm grids the student was distilled on
+            for grid in lcm_grids(make_schedule(model_cfg), recipe.settings.ode_steps):
+                write_grid(final, grid)
         plot(out)
         assert tensorboard is not None
         tensorboard.close()
         print(f"[polydiff] done: EMA weights in {final}", file=sys.stderr)
     dist.barrier()
     return final
+
+
+def bind_recipe(cfg: TrainConfig) -> Modality:
+    """The recipe a checked config trains: its modality bound to ``model``, or for a
+    ``distill:`` run the :class:`~polydiff.core.train.distill.Distillation` wrapping it."""
+    if cfg.distill is not None:
+        return Distillation.from_train_config(cfg)
+    return load_modality(cfg.modality)(cfg.model)
 
 
 def _check_picklable(recipe: Modality) -> None:
