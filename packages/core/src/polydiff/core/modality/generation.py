@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..guidance import CFG
 from ..sampling import SAMPLERS, make_grid, sample, timesteps
-from ..step_grids import TunedGrid, find_grid, read_grids
+from ..step_grids import GRIDS_NAME, TunedGrid, find_grid, read_grids
 from .conditioning import Conditioner
 from .contract import DTYPES, GenerationRequest, Modality, load_modality
 from .denoising import make_schedule, model_params
@@ -158,7 +158,7 @@ class Sampling:
 def stored_grids(folder: str | Path) -> list[TunedGrid]:
     """The tuned grids of a checkpoint folder (read once per file version; GridError if the
     file is corrupt)."""
-    path = Path(folder) / "grids.json"
+    path = Path(folder) / GRIDS_NAME
     try:
         stat = path.stat()
     except OSError:
