@@ -15,8 +15,9 @@ The objective (consistency distillation with iCT's lessons, Song & Dhariwal 2023
   normalisation, CFG dropout, image-to-video first frames, variable lengths) is reused as is;
 - the frozen teacher takes one first-order ODE step (DDIM, in x0-space through its
   prediction type) from ``t`` to the level ``s`` one interval lower on a grid of
-  ``ode_steps`` intervals laid out like the sampler's grid (``trailing`` for VP, the shifted
-  ``flow_shift`` for flow: 40 intervals hold the 1, 2, 4 and 8-step grids exactly), with
+  ``ode_steps`` intervals (LCM's ``trailing`` grid for VP, the shifted ``flow_shift`` for
+  flow: 40 intervals hold the 1, 2, 4 and 8-step grids exactly, which ``final/`` stores in
+  its ``grids.json`` so lcm sampling lands on them), with
   classifier-free guidance at scale ``w`` folded in (the unconditional branch through the
   conditioner's null input);
 - the target is the student's own x0 estimate at ``(x_s, s)`` without gradient (iCT: no
