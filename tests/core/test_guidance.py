@@ -189,7 +189,7 @@ def test_guidance_interval_guides_only_at_noise_levels_inside_it(guider_cls):
     levels = VP.noise_level(timesteps(VP, 10))
     expected = [2 * B if low <= float(nl) <= high else B for nl in levels]
     assert model.batches == expected
-    assert expected.count(2 * B) == 4 and expected.count(B) == 6  # both cases occur
+    assert 0 < expected.count(2 * B) < len(expected)  # both cases occur on this grid
     assert model.times == timesteps(VP, 10).tolist()
 
 
