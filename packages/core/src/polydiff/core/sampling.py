@@ -162,9 +162,10 @@ def timesteps(
         if not k > 0:
             raise ValueError(f"shift must be > 0, got {k}")
         us = [1.0 - i / steps for i in range(steps)]
-        # min(): the warp at u = 1 can round to t_max * (1 + 1e-16), which no grid accepts.
+        # u = 1 is t_max exactly: the warp rounds it to t_max * (1 +- 1e-16) for some shifts.
         return torch.tensor(
-            [min(t_max * k * u / (1.0 + (k - 1.0) * u), t_max) for u in us], dtype=torch.float64
+            [t_max if u == 1.0 else t_max * k * u / (1.0 + (k - 1.0) * u) for u in us],
+            dtype=torch.float64,
         )
     # karras and logsnr live between the schedule's extreme noise levels.
     hi = t_max
