@@ -112,7 +112,8 @@ def test_the_dp_finds_the_cheapest_path_of_first_order_jumps():
 
 
 def test_golden_section_finds_the_minimum_of_a_unimodal_function():
-    assert _golden_section(lambda v: (v - 0.3) ** 2, -2.0, 5.0, 30) == pytest.approx(0.3, abs=1e-5)
+    where, value = _golden_section(lambda v: (v - 0.3) ** 2, -2.0, 5.0, 30)
+    assert where == pytest.approx(0.3, abs=1e-5) and value == pytest.approx(0.0, abs=1e-10)
 
 
 def test_heun_counts_two_evaluations_a_step_but_the_last():

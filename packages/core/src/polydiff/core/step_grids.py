@@ -214,8 +214,11 @@ def dp_grid(
     return [float(times[i]) for i in reversed(path)]
 
 
-def _golden_section(f: Callable[[float], float], lo: float, hi: float, evals: int) -> float:
-    """The argmin of ``f`` on [lo, hi] to within (hi - lo) * 0.618**evals (unimodal f)."""
+def _golden_section(
+    f: Callable[[float], float], lo: float, hi: float, evals: int
+) -> tuple[float, float]:
+    """(argmin, min) of ``f`` on [lo, hi], to within (hi - lo) * 0.618**evals (unimodal f),
+    from ``evals`` evaluations."""
     ratio = (math.sqrt(5.0) - 1.0) / 2.0
     a, b = lo, hi
     c, d = b - ratio * (b - a), a + ratio * (b - a)
@@ -229,7 +232,7 @@ def _golden_section(f: Callable[[float], float], lo: float, hi: float, evals: in
             a, c, fc = c, d, fd
             d = a + ratio * (b - a)
             fd = f(d)
-    return c if fc <= fd else d
+    return (c, fc) if fc <= fd else (d, fd)
 
 
 def refine_grid(
@@ -241,6 +244,7 @@ def refine_grid(
     *,
     sweeps: int = 2,
     evals: int = 7,
+    start_error: float | None = None,
 ) -> tuple[list[float], float, int]:
     """Move each level of ``start`` but the first, one at a time, to where ``sampler``'s run
     lands closest to ``reference`` (golden-section search in log-SNR between its neighbours,
@@ -256,7 +260,7 @@ def refine_grid(
         runs += 1
         return _relative_error(run(sampler, candidate), reference)
 
-    current = score(times)
+    current = score(times) if start_error is None else start_error  # the caller's run of it
     # Log-SNR of the most noisy finite level and the least noisy one (the search bounds).
     top = float(schedule.log_snr(times[0]))
     if not math.isfinite(top):
@@ -283,9 +287,8 @@ def refine_grid(
                     return math.inf
                 return score(candidate)
 
-            lam = _golden_section(f, lo, hi, evals)
+            lam, value = _golden_section(f, lo, hi, evals)  # value: f(lam), already run
             candidate = at(lam)
-            value = f(lam)
             if value < current:
                 times, current, improved = candidate, value, True
         if not improved:
@@ -368,10 +371,11 @@ def tune_grid(
     scored = [(default_error, default)]
     scored += [(_relative_error(run(sampler, g), reference), g) for g in starts if g != default]
     runs = len(scored)
-    start = min(scored, key=lambda pair: pair[0])[1]
+    start_error, start = min(scored, key=lambda pair: pair[0])
     times, error, made = refine_grid(
-        schedule, run, sampler, start, reference, sweeps=sweeps, evals=evals
-    )
+        schedule, run, sampler, start, reference, sweeps=sweeps, evals=evals,
+        start_error=start_error,
+    )  # fmt: skip
     evaluations += (runs + made) * nfe_of(sampler, steps)
     return TunedGrid(
         sampler=sampler,
